@@ -1,0 +1,163 @@
+"""Engines, transactions and the retry policy for transient database errors.
+
+SQLite: pysqlite's own implicit ``BEGIN`` is switched off so that every write transaction starts
+with ``BEGIN IMMEDIATE``: the write lock is taken before the first read, so what a transaction
+read is still true when it writes (the compare-and-set cannot be overtaken between the two).
+PostgreSQL and MariaDB lock the rows they read with ``SELECT ... FOR UPDATE`` instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
+from tenacity import (
+    RetryCallState,
+    retry,
+    retry_if_exception,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_READ_ONLY = "fswatch_sync_read_only"
+SQLITE_BUSY_TIMEOUT_MS = 2000
+# PostgreSQL SQLSTATEs worth another try: serialization failure, deadlock, lock not available,
+# the backend terminated by an administrator, and the whole connection-exception class.
+_PG_TRANSIENT = {"40001", "40P01", "55P03", "57P01", "57P02", "57P03"}
+# MySQL/MariaDB: deadlock, lock wait timeout, server gone, lost connection, can't connect,
+# connection killed, query interrupted.
+_MYSQL_TRANSIENT = {1205, 1213, 2002, 2003, 2006, 2013, 2055, 1927, 1317, 4031}
+
+
+def create_engine(url: str, **kwargs: Any) -> Engine:
+    """An Engine set up for this tool's transactions on any supported backend."""
+    parsed = sa.make_url(url)
+    backend = parsed.get_backend_name()
+    options: dict[str, Any] = {"pool_pre_ping": True}
+    if backend == "mysql" or backend == "mariadb":
+        # READ COMMITTED avoids InnoDB's gap locks, the usual source of deadlocks between the
+        # sweep and a task runner; rows the tool changes are locked explicitly.
+        options["isolation_level"] = "READ COMMITTED"
+    if backend == "sqlite":
+        options["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
+    options.update(kwargs)
+    engine = sa.create_engine(url, **options)
+    if backend == "sqlite":
+        _make_sqlite_transactional(engine)
+    return engine
+
+
+def _make_sqlite_transactional(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        # Foreign keys are enforced so that a host's constraints mean the same as on servers.
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        if connection.get_execution_options().get(_READ_ONLY):
+            connection.exec_driver_sql("BEGIN")
+        else:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def read_only(engine: Engine) -> Engine:
+    """The same pool, for transactions that only read (no write lock on SQLite)."""
+    return engine.execution_options(**{_READ_ONLY: True})
+
+
+def is_sqlite(engine_or_conn: Engine | Connection) -> bool:
+    return engine_or_conn.dialect.name == "sqlite"
+
+
+def locks_rows(engine_or_conn: Engine | Connection) -> bool:
+    """Whether ``SELECT ... FOR UPDATE`` is how this backend keeps read rows unchanged."""
+    return not is_sqlite(engine_or_conn)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A database error that another try may not meet: locks, deadlocks, lost connections."""
+    if isinstance(exc, StaleRead):
+        return True
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    orig = exc.orig
+    if isinstance(orig, sqlite3.OperationalError):
+        text = str(orig).lower()
+        return "locked" in text or "busy" in text
+    sqlstate = getattr(orig, "sqlstate", None)
+    if isinstance(sqlstate, str):
+        return sqlstate in _PG_TRANSIENT or sqlstate.startswith("08")
+    args = getattr(orig, "args", ())
+    if args and isinstance(args[0], int):
+        return args[0] in _MYSQL_TRANSIENT
+    return False
+
+
+class StaleRead(Exception):
+    """A compare-and-set found the row changed since it was read; the batch is tried again."""
+
+
+def _log_retry(state: RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome else None
+    log.warning(
+        "transient database error, retry %d in %.2fs: %s",
+        state.attempt_number,
+        state.next_action.sleep if state.next_action else 0.0,
+        str(exc).splitlines()[0] if exc else "",
+    )
+
+
+def retrying(max_seconds: float = 60.0) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Retry a whole transaction on transient errors, with exponential backoff and jitter."""
+    return retry(
+        retry=retry_if_exception(is_transient),
+        wait=wait_exponential_jitter(initial=0.05, max=2.0),
+        stop=stop_after_delay(max_seconds),
+        before_sleep=_log_retry,
+        reraise=True,
+    )
+
+
+@contextmanager
+def transaction(engine: Engine) -> Iterator[Connection]:
+    """One write transaction: committed on success, rolled back on any error."""
+    with engine.begin() as connection:
+        yield connection
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def to_db_time(moment: datetime) -> datetime:
+    """Naive UTC, the form timestamps are stored in (naive values are read as UTC)."""
+    if moment.tzinfo is None:
+        return moment
+    return moment.astimezone(UTC).replace(tzinfo=None)
+
+
+def from_db_time(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)

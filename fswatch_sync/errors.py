@@ -1,0 +1,28 @@
+"""Exceptions a user can cause, each rendered as one line by the command line."""
+
+from __future__ import annotations
+
+
+class FswatchSyncError(Exception):
+    """Base class for errors that carry a message meant for the operator."""
+
+
+class SettingsError(FswatchSyncError):
+    """A setting has a value the program cannot use (exit status 2)."""
+
+    def __init__(self, setting: str, problem: str) -> None:
+        super().__init__(f"{setting}: {problem}")
+        self.setting = setting
+        self.problem = problem
+
+
+class SweepRefused(FswatchSyncError):
+    """The sweep's guard refused to act; nothing was changed (exit status 3)."""
+
+
+class RestoreConflict(FswatchSyncError):
+    """A restore would collide with rows that exist now; nothing was restored."""
+
+
+class LeaseUnavailable(FswatchSyncError):
+    """Another instance holds the maintenance lease, so this one may not sweep now."""

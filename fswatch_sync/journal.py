@@ -1,0 +1,215 @@
+"""Reading the journal and undoing what it recorded.
+
+A restore is all-or-nothing: it runs in one transaction and refuses, naming the first collision,
+when putting a row back would clash with what exists now (a regenerated app's new row, a task the
+runner has moved on since the tool changed it).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import Table
+from sqlalchemy.engine import Connection, Engine
+
+from fswatch_sync import db
+from fswatch_sync.errors import RestoreConflict
+from fswatch_sync.schema import journal_table
+from fswatch_sync.store import Store
+
+RESTORABLE = (
+    "app_removed",
+    "task_cancelled",
+    "task_failed",
+    "task_purged",
+    "dependent_deleted",
+    "dependent_nullified",
+)
+# Rows go back parents first, so foreign keys from dependents and sub-tasks hold.
+_INSERT_ORDER = {"app_removed": 0, "dependent_deleted": 1, "task_purged": 2}
+
+
+@dataclass(frozen=True)
+class Selection:
+    ids: tuple[int, ...] = ()
+    batch_id: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    app: tuple[str, int] | None = None
+    action: str | None = None
+    include_restored: bool = False
+
+
+def _where(selection: Selection) -> list[sa.ColumnElement[bool]]:
+    j = journal_table.c
+    clauses: list[sa.ColumnElement[bool]] = []
+    if selection.ids:
+        clauses.append(j.id.in_(selection.ids))
+    if selection.batch_id:
+        clauses.append(j.batch_id == selection.batch_id)
+    if selection.since:
+        clauses.append(j.at >= db.to_db_time(selection.since))
+    if selection.until:
+        clauses.append(j.at <= db.to_db_time(selection.until))
+    if selection.app:
+        clauses += [j.model_slug == selection.app[0], j.app_number == selection.app[1]]
+    if selection.action:
+        clauses.append(j.action == selection.action)
+    if not selection.include_restored:
+        clauses.append(j.restored_at.is_(None))
+    return clauses
+
+
+def list_entries(engine: Engine, selection: Selection, limit: int = 100) -> list[dict[str, Any]]:
+    statement = (
+        sa.select(journal_table)
+        .where(*_where(selection))
+        .order_by(journal_table.c.id.desc())
+        .limit(limit)
+    )
+    with db.read_only(engine).connect() as connection:
+        rows = connection.execute(statement).all()
+    entries = []
+    for row in rows:
+        item = dict(row._mapping)
+        for key in ("at", "restored_at"):
+            moment = db.from_db_time(item[key])
+            item[key] = moment.isoformat() if moment else None
+        entries.append(item)
+    return entries
+
+
+def _decode(table: Table, image: dict[str, Any]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name, value in image.items():
+        if name not in table.c:
+            continue
+        column_type = table.c[name].type
+        if isinstance(value, str) and isinstance(column_type, sa.DateTime):
+            values[name] = datetime.fromisoformat(value)
+        elif isinstance(value, str) and isinstance(column_type, sa.Date):
+            values[name] = date.fromisoformat(value)
+        elif isinstance(value, str) and isinstance(column_type, sa.LargeBinary):
+            values[name] = bytes.fromhex(value)
+        else:
+            values[name] = value
+    return values
+
+
+def _pk_clause(table: Table, values: dict[str, Any]) -> sa.ColumnElement[bool]:
+    return sa.and_(*(column == values[column.name] for column in table.primary_key.columns))
+
+
+@dataclass
+class RestoreResult:
+    restored: int
+    by_action: dict[str, int]
+
+
+def restore(store: Store, selection: Selection, *, dry_run: bool = False) -> RestoreResult:
+    """Undo the selected journal entries in one transaction, or refuse and change nothing."""
+    if not (selection.ids or selection.batch_id or selection.since or selection.until):
+        raise RestoreConflict("choose entries with --id, --batch or a time range (--since/--until)")
+    host = store.host
+    tables = {host.apps.name: host.apps, host.tasks.name: host.tasks}
+    tables.update({d.table.name: d.table for d in host.dependents})
+    selection = Selection(**{**selection.__dict__, "include_restored": False})
+
+    def run() -> RestoreResult:
+        with store.engine.connect() as connection, connection.begin() as trans:
+            entries = connection.execute(
+                sa.select(journal_table)
+                .where(*_where(selection), journal_table.c.action.in_(RESTORABLE))
+                .order_by(journal_table.c.id)
+            ).all()
+            if not entries:
+                raise RestoreConflict("no restorable journal entries match")
+            ordered = sorted(entries, key=lambda e: (_INSERT_ORDER.get(e.action, 3), -e.id))
+            counts: dict[str, int] = {}
+            for entry in ordered:
+                table = tables.get(entry.table_name)
+                if table is None:
+                    raise RestoreConflict(
+                        f"journal entry {entry.id}: table {entry.table_name!r} is not mapped"
+                    )
+                _undo(connection, store, table, entry)
+                counts[entry.action] = counts.get(entry.action, 0) + 1
+            if dry_run:
+                trans.rollback()
+            else:
+                connection.execute(
+                    sa.update(journal_table)
+                    .where(journal_table.c.id.in_([e.id for e in entries]))
+                    .values(restored_at=db.to_db_time(db.utcnow()))
+                )
+            return RestoreResult(len(entries), counts)
+
+    return db.retrying(store.retry_seconds)(run)()
+
+
+def _undo(connection: Connection, store: Store, table: Table, entry: Any) -> None:
+    image = _decode(table, json.loads(entry.before_image))
+    where_pk = _pk_clause(table, image)
+    current = connection.execute(sa.select(table).where(where_pk)).first()
+    host = store.host
+    if entry.action in ("app_removed", "task_purged", "dependent_deleted"):
+        if current is not None:
+            raise RestoreConflict(
+                f"journal entry {entry.id}: a row with the same key is in {table.name} now"
+            )
+        if entry.action == "app_removed":
+            slug, number = host.app_col("model_slug"), host.app_col("app_number")
+            clash = connection.execute(
+                sa.select(slug).where(slug == image[slug.name], number == image[number.name])
+            ).first()
+            if clash is not None:
+                raise RestoreConflict(
+                    f"journal entry {entry.id}: app {image[slug.name]}/app{image[number.name]}"
+                    " has a new row now (regenerated?)"
+                )
+        connection.execute(sa.insert(table).values(image))
+        return
+    if current is None:
+        raise RestoreConflict(f"journal entry {entry.id}: the row is no longer in {table.name}")
+    if entry.action == "dependent_nullified":
+        changed = [c for c in image if c not in table.primary_key.columns.keys()]
+        connection.execute(sa.update(table).where(where_pk).values({c: image[c] for c in changed}))
+        return
+    status = host.task_col("status")
+    if current._mapping[status] != entry.new_status:
+        raise RestoreConflict(
+            f"journal entry {entry.id}: task is {current._mapping[status]!r} now, not"
+            f" {entry.new_status!r}; it moved on since"
+        )
+    restored_columns = [
+        name
+        for name in (
+            store.config.tasks.status,
+            store.config.tasks.completed_at,
+            store.config.tasks.error_message,
+        )
+        if name
+    ]
+    connection.execute(
+        sa.update(table)
+        .where(where_pk, status == entry.new_status)
+        .values({name: image.get(name) for name in restored_columns})
+    )
+
+
+def parse_ids(texts: Sequence[str]) -> tuple[int, ...]:
+    ids: list[int] = []
+    for text in texts:
+        for part in text.split(","):
+            part = part.strip()
+            if "-" in part:
+                low, _, high = part.partition("-")
+                ids.extend(range(int(low), int(high) + 1))
+            elif part:
+                ids.append(int(part))
+    return tuple(ids)

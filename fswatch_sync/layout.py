@@ -1,0 +1,147 @@
+"""Where an app lives on disk: ``{root}/{model_slug}/app{N}/`` and back again.
+
+Parsing is pure; the few helpers that touch the disk never follow a symbolic link and never read
+outside the root: a slug that could escape it (``/``, ``..``, NUL, absolute) never names a
+directory, so such an app is simply absent.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+# The database column is a 32-bit INTEGER on every supported backend: a larger number can never
+# be a row, so a directory carrying one is not an app.
+MAX_APP_NUMBER = 2**31 - 1
+_APP_DIR = re.compile(r"app(0|[1-9][0-9]{0,9})", re.ASCII)
+
+
+class AppKey(NamedTuple):
+    """One generated application, as the database and the directory tree both name it."""
+
+    model_slug: str
+    app_number: int
+
+    def __str__(self) -> str:
+        return f"{self.model_slug}/app{self.app_number}"
+
+
+def parse_app_dir_name(name: str) -> int | None:
+    """``app123`` -> 123; anything else (``app``, ``app01``, ``app-1``, ``App1``) -> None."""
+    match = _APP_DIR.fullmatch(name)
+    if match is None:
+        return None
+    number = int(match.group(1))
+    return number if number <= MAX_APP_NUMBER else None
+
+
+def is_safe_slug(slug: str) -> bool:
+    """True when ``slug`` names exactly one directory directly inside the root."""
+    return (
+        bool(slug)
+        and slug not in (".", "..")
+        and "/" not in slug
+        and "\\" not in slug
+        and "\x00" not in slug
+        and os.sep not in slug
+        and not slug.startswith("~")
+        and _is_utf8(slug)
+    )
+
+
+def _is_utf8(text: str) -> bool:
+    # A directory name that is not UTF-8 arrives with surrogate escapes; it can never equal a
+    # slug stored in the database, and binding it as a parameter would fail.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def app_dir(root: Path, key: AppKey) -> Path | None:
+    """The directory of ``key`` under ``root``, or None when the slug could escape the root."""
+    if not is_safe_slug(key.model_slug) or not 0 <= key.app_number <= MAX_APP_NUMBER:
+        return None
+    return root / key.model_slug / f"app{key.app_number}"
+
+
+def key_for_path(root: Path, path: str | os.PathLike[str]) -> AppKey | None:
+    """The app a path names when it is exactly ``root/slug/appN`` (pure, no I/O)."""
+    try:
+        relative = Path(os.path.normpath(path)).relative_to(os.path.normpath(root))
+    except ValueError:
+        return None
+    parts = relative.parts
+    if len(parts) != 2 or not is_safe_slug(parts[0]):
+        return None
+    number = parse_app_dir_name(parts[1])
+    return None if number is None else AppKey(parts[0], number)
+
+
+def slug_for_path(root: Path, path: str | os.PathLike[str]) -> str | None:
+    """The model slug a path names when it is exactly ``root/slug`` (pure, no I/O)."""
+    try:
+        relative = Path(os.path.normpath(path)).relative_to(os.path.normpath(root))
+    except ValueError:
+        return None
+    parts = relative.parts
+    return parts[0] if len(parts) == 1 and is_safe_slug(parts[0]) else None
+
+
+def _is_real_dir(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
+def app_exists(root: Path, key: AppKey) -> bool:
+    """True when the app's directory is a real directory (no symlink on the way) in the root."""
+    directory = app_dir(root, key)
+    return (
+        directory is not None
+        and _is_real_dir(root)
+        and _is_real_dir(directory.parent)
+        and _is_real_dir(directory)
+    )
+
+
+def root_present(root: Path, marker: str = "") -> bool:
+    """The root is a directory (and holds the marker file when one is configured)."""
+    if not os.path.isdir(root):
+        return False
+    return not marker or os.path.isfile(root / marker)
+
+
+def _real_subdirs(directory: Path | str) -> Iterator[str]:
+    try:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        yield entry.name
+                except OSError:
+                    continue
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return
+
+
+def model_dirs(root: Path) -> Iterator[str]:
+    """Slugs of the real model directories directly inside the root."""
+    return (name for name in _real_subdirs(root) if is_safe_slug(name))
+
+
+def scan_apps(root: Path, slugs: Iterable[str] | None = None) -> set[AppKey]:
+    """Every app directory present under the root: one ``scandir`` per model directory."""
+    present: set[AppKey] = set()
+    for slug in model_dirs(root) if slugs is None else slugs:
+        for name in _real_subdirs(os.path.join(root, slug)):
+            number = parse_app_dir_name(name)
+            if number is not None:
+                present.add(AppKey(slug, number))
+    return present

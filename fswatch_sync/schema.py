@@ -1,0 +1,321 @@
+"""Tables: the tool's own, the embedded default host tables, and a mapping onto a host's schema.
+
+The host's tables are never created or altered when a ``[schema]`` mapping is given: they are
+reflected from the database, so every column (NOT NULL extras included) is known for journal
+before-images and restores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+from fswatch_sync.errors import SettingsError
+
+DEPENDENT_POLICIES = ("restrict", "delete", "nullify")
+
+# The tool's own tables live in their own MetaData so a host's Alembic can include or exclude
+# them as a whole (see README, "Alembic").
+tool_metadata = MetaData()
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY; BigInteger elsewhere.
+_JournalId = BigInteger().with_variant(Integer(), "sqlite")
+
+journal_table = Table(
+    "fswatch_sync_journal",
+    tool_metadata,
+    Column("id", _JournalId, primary_key=True, autoincrement=True),
+    Column("batch_id", String(36), nullable=False),
+    Column("at", DateTime(), nullable=False),
+    Column("action", String(40), nullable=False),
+    Column("source", String(20), nullable=False),
+    Column("table_name", String(200), nullable=False),
+    Column("row_key", String(200), nullable=True),
+    Column("model_slug", String(200), nullable=True),
+    Column("app_number", Integer, nullable=True),
+    Column("old_status", String(40), nullable=True),
+    Column("new_status", String(40), nullable=True),
+    Column("before_image", Text, nullable=True),
+    Column("restored_at", DateTime(), nullable=True),
+    Index("ix_fswatch_sync_journal_at", "at"),
+    Index("ix_fswatch_sync_journal_app", "model_slug", "app_number"),
+)
+
+sweeps_table = Table(
+    "fswatch_sync_sweeps",
+    tool_metadata,
+    Column("id", _JournalId, primary_key=True, autoincrement=True),
+    Column("instance_id", String(64), nullable=False),
+    Column("trigger", String(20), nullable=False),
+    Column("started_at", DateTime(), nullable=False),
+    Column("finished_at", DateTime(), nullable=True),
+    Column("dry_run", Boolean, nullable=False),
+    Column("forced", Boolean, nullable=False),
+    Column("outcome", String(20), nullable=False),
+    Column("orphan_apps", Integer, nullable=False, default=0),
+    Column("orphan_tasks", Integer, nullable=False, default=0),
+    Column("stuck_tasks", Integer, nullable=False, default=0),
+    Column("old_tasks", Integer, nullable=False, default=0),
+    Column("blocked_apps", Integer, nullable=False, default=0),
+    Column("message", Text, nullable=True),
+    Index("ix_fswatch_sync_sweeps_started", "started_at"),
+)
+
+instances_table = Table(
+    "fswatch_sync_instances",
+    tool_metadata,
+    Column("instance_id", String(64), primary_key=True),
+    Column("hostname", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("started_at", DateTime(), nullable=False),
+    Column("heartbeat_at", DateTime(), nullable=False),
+    Column("stopped_at", DateTime(), nullable=True),
+    Column("state", String(20), nullable=False),
+    Column("root", Text, nullable=False),
+    Column("stats", Text, nullable=True),
+)
+
+leases_table = Table(
+    "fswatch_sync_leases",
+    tool_metadata,
+    Column("name", String(64), primary_key=True),
+    Column("holder", String(64), nullable=False),
+    Column("acquired_at", DateTime(), nullable=False),
+    Column("expires_at", DateTime(), nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class AppColumns:
+    id: str = "id"
+    model_slug: str = "model_slug"
+    app_number: str = "app_number"
+    created_at: str = "created_at"
+
+
+@dataclass(frozen=True)
+class TaskColumns:
+    id: str = "id"
+    task_id: str = "task_id"
+    target_model: str = "target_model"
+    target_app_number: str = "target_app_number"
+    status: str = "status"
+    created_at: str = "created_at"
+    started_at: str = "started_at"
+    completed_at: str = "completed_at"
+    error_message: str = "error_message"
+    # Column holding the parent task's primary key, for hosts whose tasks have sub-tasks.
+    parent_id: str = ""
+
+
+@dataclass(frozen=True)
+class Statuses:
+    pending: str = "pending"
+    running: str = "running"
+    completed: str = "completed"
+    failed: str = "failed"
+    cancelled: str = "cancelled"
+    extra_active: tuple[str, ...] = ()
+    extra_terminal: tuple[str, ...] = ()
+
+    @property
+    def active(self) -> tuple[str, ...]:
+        return (self.pending, self.running, *self.extra_active)
+
+    @property
+    def terminal(self) -> tuple[str, ...]:
+        return (self.completed, self.failed, self.cancelled, *self.extra_terminal)
+
+
+@dataclass(frozen=True)
+class Dependent:
+    """A host table whose rows point at an app row, and what a removal does to them.
+
+    ``restrict``: an app with dependent rows is left untouched (row and tasks) and reported as
+    blocked. ``delete``: the dependent rows are deleted first, journalled with before-images.
+    ``nullify``: the pointing column is set to NULL, journalled.
+    """
+
+    table: str
+    column: str
+    references: str = "id"
+    policy: str = "restrict"
+
+
+@dataclass(frozen=True)
+class SchemaConfig:
+    apps_table: str = "generated_applications"
+    tasks_table: str = "analysis_tasks"
+    apps: AppColumns = field(default_factory=AppColumns)
+    tasks: TaskColumns = field(default_factory=TaskColumns)
+    statuses: Statuses = field(default_factory=Statuses)
+    dependents: tuple[Dependent, ...] = ()
+    # Policy for foreign keys discovered in the database that no [[schema.dependents]] names.
+    dependents_policy: str = "restrict"
+    # Whether init-db creates the two host tables. True only for the embedded default.
+    manage_host_tables: bool = True
+    cancel_message: str = "target app is gone: {model_slug}/app{app_number} no longer exists"
+
+    @classmethod
+    def from_mapping(cls, table: Mapping[str, Any]) -> SchemaConfig:
+        """Build from the TOML ``[schema]`` table; raises SettingsError on any bad key."""
+        if not table:
+            return cls()
+        data = dict(table)
+        kwargs: dict[str, Any] = {"manage_host_tables": bool(data.pop("manage_host_tables", False))}
+        for name in ("apps_table", "tasks_table", "cancel_message"):
+            if name in data:
+                kwargs[name] = _name(f"schema.{name}", data.pop(name))
+        if "apps_columns" in data:
+            kwargs["apps"] = _dataclass_from(AppColumns, "schema.apps_columns", data.pop("apps_columns"))
+        if "tasks_columns" in data:
+            kwargs["tasks"] = _dataclass_from(
+                TaskColumns, "schema.tasks_columns", data.pop("tasks_columns"), optional={"parent_id", "error_message"}
+            )
+        if "statuses" in data:
+            kwargs["statuses"] = _statuses(data.pop("statuses"))
+        if "dependents_policy" in data:
+            kwargs["dependents_policy"] = _policy("schema.dependents_policy", data.pop("dependents_policy"))
+        if "dependents" in data:
+            kwargs["dependents"] = _dependents(data.pop("dependents"))
+        if data:
+            raise SettingsError(f"schema.{sorted(data)[0]}", "unknown key in [schema]")
+        return cls(**kwargs)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "apps_table": self.apps_table,
+            "tasks_table": self.tasks_table,
+            "active_statuses": list(self.statuses.active),
+            "terminal_statuses": list(self.statuses.terminal),
+            "dependents": [d.__dict__ for d in self.dependents],
+            "dependents_policy": self.dependents_policy,
+            "manage_host_tables": self.manage_host_tables,
+        }
+
+
+def _name(setting: str, raw: Any) -> str:
+    if not isinstance(raw, str) or not raw or "\x00" in raw:
+        raise SettingsError(setting, f"{raw!r} is not a name")
+    return raw
+
+
+def _policy(setting: str, raw: Any) -> str:
+    if raw not in DEPENDENT_POLICIES:
+        raise SettingsError(setting, f"{raw!r} is not one of {', '.join(DEPENDENT_POLICIES)}")
+    return str(raw)
+
+
+def _dataclass_from(
+    kind: type[Any], setting: str, raw: Any, optional: frozenset[str] | set[str] = frozenset()
+) -> Any:
+    if not isinstance(raw, dict):
+        raise SettingsError(setting, "must be a TOML table")
+    known = {f.name for f in fields(kind)}
+    values: dict[str, str] = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise SettingsError(f"{setting}.{key}", "unknown column role")
+        if key in optional and value == "":
+            values[key] = ""
+        else:
+            values[key] = _name(f"{setting}.{key}", value)
+    return replace(kind(), **values)
+
+
+def _statuses(raw: Any) -> Statuses:
+    if not isinstance(raw, dict):
+        raise SettingsError("schema.statuses", "must be a TOML table")
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        setting = f"schema.statuses.{key}"
+        if key in ("extra_active", "extra_terminal"):
+            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+                raise SettingsError(setting, "must be a list of status names")
+            values[key] = tuple(value)
+        elif key in ("pending", "running", "completed", "failed", "cancelled"):
+            values[key] = _name(setting, value)
+        else:
+            raise SettingsError(setting, "unknown status role")
+    statuses = replace(Statuses(), **values)
+    overlap = set(statuses.active) & set(statuses.terminal)
+    if overlap or len(set(statuses.active)) != len(statuses.active) or len(
+        set(statuses.terminal)
+    ) != len(statuses.terminal):
+        raise SettingsError("schema.statuses", "a status value is used for two roles")
+    return statuses
+
+
+def _dependents(raw: Any) -> tuple[Dependent, ...]:
+    if not isinstance(raw, list):
+        raise SettingsError("schema.dependents", "must be an array of tables ([[schema.dependents]])")
+    result = []
+    for index, item in enumerate(raw):
+        setting = f"schema.dependents[{index}]"
+        if not isinstance(item, dict):
+            raise SettingsError(setting, "must be a table")
+        unknown = set(item) - {"table", "column", "references", "policy"}
+        if unknown:
+            raise SettingsError(f"{setting}.{sorted(unknown)[0]}", "unknown key")
+        if "table" not in item or "column" not in item:
+            raise SettingsError(setting, "needs table and column")
+        result.append(
+            Dependent(
+                table=_name(f"{setting}.table", item["table"]),
+                column=_name(f"{setting}.column", item["column"]),
+                references=_name(f"{setting}.references", item.get("references", "id")),
+                policy=_policy(f"{setting}.policy", item.get("policy", "restrict")),
+            )
+        )
+    return tuple(result)
+
+
+def default_host_metadata(config: SchemaConfig) -> MetaData:
+    """The embedded default host tables, as ``init-db`` creates them."""
+    metadata = MetaData()
+    apps, tasks = config.apps, config.tasks
+    Table(
+        config.apps_table,
+        metadata,
+        Column(apps.id, Integer, primary_key=True, autoincrement=True),
+        Column(apps.model_slug, String(200), nullable=False),
+        Column(apps.app_number, Integer, nullable=False),
+        Column(apps.created_at, DateTime(), nullable=True),
+        UniqueConstraint(apps.model_slug, apps.app_number),
+    )
+    task_columns = [
+        Column(tasks.id, Integer, primary_key=True, autoincrement=True),
+        Column(tasks.task_id, String(100), nullable=False, unique=True),
+        Column(tasks.target_model, String(200), nullable=False),
+        Column(tasks.target_app_number, Integer, nullable=False),
+        Column(tasks.status, String(20), nullable=False),
+        Column(tasks.created_at, DateTime(), nullable=True),
+        Column(tasks.started_at, DateTime(), nullable=True),
+        Column(tasks.completed_at, DateTime(), nullable=True),
+    ]
+    if tasks.error_message:
+        task_columns.append(Column(tasks.error_message, Text, nullable=True))
+    Table(
+        config.tasks_table,
+        metadata,
+        *task_columns,
+        # The sweep finds a target's tasks and the active/terminal sets through these.
+        Index(f"ix_{config.tasks_table}_target", tasks.target_model, tasks.target_app_number),
+        Index(f"ix_{config.tasks_table}_status", tasks.status),
+    )
+    return metadata

@@ -1,0 +1,375 @@
+"""The Settings value and where it comes from.
+
+Every setting resolves in one place as: command-line flag, else environment, else the TOML file,
+else the default. The seed system's ``MAINTENANCE_*`` variables are read as environment aliases
+that lose to the matching ``FSWATCH_SYNC_*`` variable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import math
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+from fswatch_sync.errors import SettingsError
+from fswatch_sync.schema import SchemaConfig
+
+ENV_PREFIX = "FSWATCH_SYNC_"
+CONFIG_ENV = "FSWATCH_SYNC_CONFIG"
+OBSERVER_KINDS = ("auto", "native", "polling")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the service needs to know, validated."""
+
+    root: Path = Path("generated/apps")
+    database_url: str = "sqlite:///fswatch_sync.db"
+    interval_seconds: float = 3600.0
+    running_timeout_minutes: float = 60.0
+    pending_timeout_minutes: float = 60.0
+    task_retention_days: float = 30.0
+    app_grace_minutes: float = 10.0
+    cleanup_orphan_apps: bool = True
+    cleanup_orphan_tasks: bool = True
+    cleanup_stuck_tasks: bool = True
+    cleanup_old_tasks: bool = True
+    max_delete_fraction: float = 0.5
+    enabled: bool = True
+    batch_size: int = 500
+    observer: str = "auto"
+    polling_interval_seconds: float = 1.0
+    settle_ms: float = 5.0
+    max_pending_events: int = 100_000
+    root_marker: str = ""
+    lease_seconds: float = 30.0
+    heartbeat_seconds: float = 10.0
+    sweep_jitter_fraction: float = 0.1
+    http: str = ""
+    http_token: str = ""
+    log_level: str = "INFO"
+    schema: SchemaConfig = field(default_factory=SchemaConfig)
+
+    def redacted_database_url(self) -> str:
+        """The database URL with any password hidden, fit for logs and status output."""
+        return redact_url(self.database_url)
+
+
+def redact_url(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparsable database URL>"
+
+
+Parser = Callable[[str, Any], Any]
+
+
+def _number(setting: str, raw: Any) -> float:
+    if isinstance(raw, bool):
+        raise SettingsError(setting, f"{raw!r} is not a number")
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise SettingsError(setting, f"{raw!r} is not a number") from None
+    if not math.isfinite(value):
+        raise SettingsError(setting, f"{raw!r} is not a finite number")
+    return value
+
+
+def _non_negative(setting: str, raw: Any) -> float:
+    value = _number(setting, raw)
+    if value < 0:
+        raise SettingsError(setting, f"{raw!r} is negative; use 0 or more")
+    return value
+
+
+def _positive(setting: str, raw: Any) -> float:
+    value = _number(setting, raw)
+    if value <= 0:
+        raise SettingsError(setting, f"{raw!r} must be greater than 0")
+    return value
+
+
+def _fraction(setting: str, raw: Any) -> float:
+    value = _number(setting, raw)
+    if not 0 <= value <= 1:
+        raise SettingsError(setting, f"{raw!r} must be between 0 and 1")
+    return value
+
+
+def _positive_int(setting: str, raw: Any) -> int:
+    if isinstance(raw, bool):
+        raise SettingsError(setting, f"{raw!r} is not a whole number")
+    try:
+        value = int(str(raw).strip())
+    except ValueError:
+        raise SettingsError(setting, f"{raw!r} is not a whole number") from None
+    if value < 1:
+        raise SettingsError(setting, f"{raw!r} must be 1 or more")
+    return value
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _boolean(setting: str, raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise SettingsError(setting, f"{raw!r} is not a boolean (use true or false)")
+
+
+def _text(setting: str, raw: Any) -> str:
+    if not isinstance(raw, str):
+        raise SettingsError(setting, f"{raw!r} is not a string")
+    if "\x00" in raw:
+        raise SettingsError(setting, "contains a NUL character")
+    return raw
+
+
+def _root(setting: str, raw: Any) -> Path:
+    text = _text(setting, raw)
+    if not text.strip():
+        raise SettingsError(setting, "is empty")
+    path = Path(text).expanduser().absolute()
+    if not path.parent.is_dir():
+        raise SettingsError(setting, f"the parent directory {str(path.parent)!r} does not exist")
+    return path
+
+
+def _database_url(setting: str, raw: Any) -> str:
+    text = _text(setting, raw)
+    try:
+        url = make_url(text)
+        url.get_dialect()
+    except (ArgumentError, ValueError):
+        raise SettingsError(setting, "is not a valid SQLAlchemy database URL") from None
+    except NoSuchModuleError:
+        raise SettingsError(
+            setting, f"no installed driver for {url.drivername!r} (install the matching extra)"
+        ) from None
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        parent = Path(url.database).expanduser().absolute().parent
+        if not parent.is_dir():
+            raise SettingsError(setting, f"the directory {str(parent)!r} does not exist")
+    return text
+
+
+def _observer(setting: str, raw: Any) -> str:
+    text = _text(setting, raw).strip().lower()
+    if text not in OBSERVER_KINDS:
+        raise SettingsError(setting, f"{raw!r} is not one of {', '.join(OBSERVER_KINDS)}")
+    return text
+
+
+def _marker(setting: str, raw: Any) -> str:
+    text = _text(setting, raw)
+    if text and (text in (".", "..") or "/" in text or os.sep in text):
+        raise SettingsError(setting, f"{raw!r} must be a plain file name inside the root")
+    return text
+
+
+def _http(setting: str, raw: Any) -> str:
+    text = _text(setting, raw).strip()
+    if text:
+        parse_bind(setting, text)
+    return text
+
+
+def parse_bind(setting: str, text: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[::1]:PORT`` for IPv6) into a host and a port number."""
+    host, sep, port_text = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise SettingsError(setting, f"{text!r} is not HOST:PORT")
+    return host, int(port_text)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _log_level(setting: str, raw: Any) -> str:
+    text = _text(setting, raw).strip().upper()
+    if text not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise SettingsError(setting, f"{raw!r} is not a log level")
+    return text
+
+
+@dataclass(frozen=True)
+class SettingSpec:
+    name: str
+    parse: Parser
+    aliases: tuple[str, ...] = ()
+    help: str = ""
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+SPECS: tuple[SettingSpec, ...] = (
+    SettingSpec("root", _root, help="directory holding {model_slug}/app{N}/"),
+    SettingSpec("database_url", _database_url, help="SQLAlchemy database URL"),
+    SettingSpec(
+        "interval_seconds",
+        _positive,
+        ("MAINTENANCE_INTERVAL_SECONDS",),
+        "seconds between periodic sweeps",
+    ),
+    SettingSpec(
+        "running_timeout_minutes",
+        _non_negative,
+        ("MAINTENANCE_STUCK_TASK_TIMEOUT_MINUTES",),
+        "a running task older than this is failed",
+    ),
+    SettingSpec(
+        "pending_timeout_minutes",
+        _non_negative,
+        ("MAINTENANCE_STUCK_TASK_TIMEOUT_MINUTES",),
+        "a pending task older than this is cancelled",
+    ),
+    SettingSpec(
+        "task_retention_days",
+        _non_negative,
+        ("MAINTENANCE_TASK_RETENTION_DAYS",),
+        "terminal tasks completed longer ago are deleted",
+    ),
+    SettingSpec("app_grace_minutes", _non_negative, help="the sweep ignores younger app rows"),
+    SettingSpec("cleanup_orphan_apps", _boolean, help="run the orphan-apps pass"),
+    SettingSpec("cleanup_orphan_tasks", _boolean, help="run the orphan-tasks pass"),
+    SettingSpec("cleanup_stuck_tasks", _boolean, help="run the stuck-tasks pass"),
+    SettingSpec("cleanup_old_tasks", _boolean, help="run the old-tasks pass"),
+    SettingSpec(
+        "max_delete_fraction", _fraction, help="largest fraction of app rows one sweep may delete"
+    ),
+    SettingSpec(
+        "enabled", _boolean, ("MAINTENANCE_ENABLED",), "run the periodic sweep in the daemon"
+    ),
+    SettingSpec("batch_size", _positive_int, help="rows changed per transaction"),
+    SettingSpec("observer", _observer, help="auto, native (inotify...) or polling"),
+    SettingSpec("polling_interval_seconds", _positive, help="polling observer's period"),
+    SettingSpec("settle_ms", _non_negative, help="coalescing window for bursts of events"),
+    SettingSpec("max_pending_events", _positive_int, help="queued app keys before a sweep"),
+    SettingSpec("root_marker", _marker, help="file that must exist in the root (empty: none)"),
+    SettingSpec("lease_seconds", _positive, help="maintenance lease duration"),
+    SettingSpec("heartbeat_seconds", _positive, help="how often an instance records itself"),
+    SettingSpec("sweep_jitter_fraction", _fraction, help="random spread of the sweep period"),
+    SettingSpec("http", _http, help="HOST:PORT for the HTTP endpoint (empty: off)"),
+    SettingSpec("http_token", _text, help="bearer token for POST /sweep"),
+    SettingSpec("log_level", _log_level, help="DEBUG, INFO, WARNING or ERROR"),
+)
+
+_SPEC_BY_NAME = {spec.name: spec for spec in SPECS}
+_SECRET_SETTINGS = frozenset({"http_token"})
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise SettingsError("config", f"file {str(path)!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError("config", f"{str(path)!r} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise SettingsError("config", f"cannot read {str(path)!r}: {exc.strerror}") from None
+
+
+def load_settings(
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    config_path: str | Path | None = None,
+) -> Settings:
+    """Resolve every setting from flags, environment, TOML file and defaults.
+
+    ``flags`` maps setting names to values given on the command line (``None`` means unset).
+    Raises :class:`SettingsError` naming the first bad setting.
+    """
+    flags = {key: value for key, value in (flags or {}).items() if value is not None}
+    environ = os.environ if environ is None else environ
+    unknown_flags = set(flags) - set(_SPEC_BY_NAME)
+    if unknown_flags:
+        raise SettingsError(sorted(unknown_flags)[0], "is not a known setting")
+
+    path_text = config_path if config_path is not None else environ.get(CONFIG_ENV) or None
+    file_values: dict[str, Any] = {}
+    schema_table: dict[str, Any] = {}
+    if path_text is not None:
+        file_values = _read_toml(Path(path_text))
+        raw_schema = file_values.pop("schema", {})
+        if not isinstance(raw_schema, dict):
+            raise SettingsError("schema", "must be a TOML table ([schema])")
+        schema_table = raw_schema
+        for key in file_values:
+            if key not in _SPEC_BY_NAME:
+                raise SettingsError(key, f"unknown key in {str(path_text)!r}")
+
+    values: dict[str, Any] = {}
+    for spec in SPECS:
+        if spec.name in flags:
+            raw, origin = flags[spec.name], spec.flag
+        elif spec.env in environ:
+            raw, origin = environ[spec.env], spec.env
+        elif (alias := next((a for a in spec.aliases if a in environ), None)) is not None:
+            raw, origin = environ[alias], alias
+        elif spec.name in file_values:
+            raw, origin = file_values[spec.name], f"{spec.name} (config file)"
+        else:
+            continue
+        values[spec.name] = spec.parse(origin, raw)
+
+    if "root" not in values:
+        values["root"] = _root("root (default)", str(Settings.root))
+    if "database_url" not in values:
+        values["database_url"] = _database_url("database_url (default)", Settings.database_url)
+    values["schema"] = SchemaConfig.from_mapping(schema_table)
+    settings = Settings(**values)
+    if settings.http:
+        host, _ = parse_bind("http", settings.http)
+        if not is_loopback(host) and not settings.http_token:
+            raise SettingsError(
+                "http", f"binding {host!r} beyond loopback needs FSWATCH_SYNC_HTTP_TOKEN"
+            )
+    return settings
+
+
+def describe(settings: Settings) -> dict[str, Any]:
+    """Settings as plain JSON-able values, secrets hidden."""
+    described: dict[str, Any] = {}
+    for item in dataclasses.fields(settings):
+        value = getattr(settings, item.name)
+        if item.name == "database_url":
+            value = settings.redacted_database_url()
+        elif item.name in _SECRET_SETTINGS:
+            value = "***" if value else ""
+        elif isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, SchemaConfig):
+            value = value.describe()
+        described[item.name] = value
+    return described
