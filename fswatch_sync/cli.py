@@ -23,7 +23,7 @@ from fswatch_sync.errors import (
     SettingsError,
     SweepRefused,
 )
-from fswatch_sync.settings import SPECS, Settings, describe, load_settings, redact_url
+from fswatch_sync.settings import SPECS, Settings, load_settings, redact_url
 from fswatch_sync.store import Store
 from fswatch_sync.sweep import Sweeper, SweepReport
 
@@ -38,7 +38,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _settings_parent() -> argparse.ArgumentParser:
-    parent = argparse.ArgumentParser(add_help=False)
+    parent: argparse.ArgumentParser = _Parser(add_help=False)
     group = parent.add_argument_group("settings (flag > environment > config file > default)")
     group.add_argument("--config", metavar="PATH", help="TOML settings file (FSWATCH_SYNC_CONFIG)")
     for spec in SPECS:
@@ -54,7 +54,7 @@ def _settings_parent() -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     parent = _settings_parent()
     parser = _Parser(prog=PROG, description="Keep app rows and tasks in step with a directory tree.")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", required=True)
 
     commands.add_parser("run", parents=[parent], help="run the daemon: watch and sweep")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import Column, MetaData, Table
@@ -25,8 +26,8 @@ class ResolvedDependent:
     """A table pointing at app rows, with the columns resolved and its policy."""
 
     table: Table
-    column: Column[object]
-    references: Column[object]
+    column: Column[Any]
+    references: Column[Any]
     policy: str
 
     @property
@@ -41,18 +42,20 @@ class HostTables:
     dependents: tuple[ResolvedDependent, ...]
     config: SchemaConfig
 
-    def app_col(self, role: str) -> Column[object]:
-        return self.apps.c[getattr(self.config.apps, role)]
+    def app_col(self, role: str) -> Column[Any]:
+        column: Column[Any] = self.apps.c[getattr(self.config.apps, role)]
+        return column
 
-    def task_col(self, role: str) -> Column[object]:
-        return self.tasks.c[getattr(self.config.tasks, role)]
+    def task_col(self, role: str) -> Column[Any]:
+        column: Column[Any] = self.tasks.c[getattr(self.config.tasks, role)]
+        return column
 
     @property
     def has_error_message(self) -> bool:
         return bool(self.config.tasks.error_message)
 
     @property
-    def parent_col(self) -> Column[object] | None:
+    def parent_col(self) -> Column[Any] | None:
         name = self.config.tasks.parent_id
         return self.tasks.c[name] if name else None
 
@@ -88,11 +91,11 @@ def reflect_host_tables(engine: Engine, config: SchemaConfig) -> HostTables:
         for fk in inspector.get_foreign_keys(table_name):
             if fk.get("referred_table") != apps.name or len(fk["constrained_columns"]) != 1:
                 continue
-            column = fk["constrained_columns"][0]
-            if (table_name, column) not in found:
-                found[(table_name, column)] = Dependent(
+            constrained = fk["constrained_columns"][0]
+            if (table_name, constrained) not in found:
+                found[(table_name, constrained)] = Dependent(
                     table=table_name,
-                    column=column,
+                    column=constrained,
                     references=fk["referred_columns"][0],
                     policy=config.dependents_policy,
                 )
@@ -105,8 +108,8 @@ def reflect_host_tables(engine: Engine, config: SchemaConfig) -> HostTables:
                 f"{dependent.table}.{dependent.column} -> {apps.name}.{dependent.references}"
                 " names a column that does not exist",
             )
-        column = table.c[dependent.column]
-        if dependent.policy == "nullify" and not column.nullable:
+        pointing = table.c[dependent.column]
+        if dependent.policy == "nullify" and not pointing.nullable:
             raise SettingsError(
                 "schema.dependents",
                 f"{dependent.table}.{dependent.column} is NOT NULL, so it cannot be nullified",
@@ -114,7 +117,7 @@ def reflect_host_tables(engine: Engine, config: SchemaConfig) -> HostTables:
         dependents.append(
             ResolvedDependent(
                 table=table,
-                column=column,
+                column=pointing,
                 references=apps.c[dependent.references],
                 policy=dependent.policy,
             )

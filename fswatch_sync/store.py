@@ -447,7 +447,7 @@ class Store:
             return int(connection.execute(self._purgeable_with_parents(old, parent)).scalar_one())
 
     def _purgeable_with_parents(
-        self, old: ColumnElement[bool], parent: sa.Column[object]
+        self, old: ColumnElement[bool], parent: sa.Column[Any]
     ) -> Select[Any]:
         # A task is kept while any descendant is kept: walk up from every kept task that has a
         # parent, marking its ancestors; the purgeable set is the old ones not marked.
