@@ -101,7 +101,9 @@ def reflect_host_tables(engine: Engine, config: SchemaConfig) -> HostTables:
                 )
     dependents = []
     for dependent in found.values():
-        table = apps if dependent.table == apps.name else _reflect(engine, metadata, dependent.table)
+        table = (
+            apps if dependent.table == apps.name else _reflect(engine, metadata, dependent.table)
+        )
         if dependent.column not in table.c or dependent.references not in apps.c:
             raise SettingsError(
                 "schema.dependents",

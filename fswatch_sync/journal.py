@@ -177,7 +177,7 @@ def _undo(connection: Connection, store: Store, table: Table, entry: Any) -> Non
     if current is None:
         raise RestoreConflict(f"journal entry {entry.id}: the row is no longer in {table.name}")
     if entry.action == "dependent_nullified":
-        changed = [c for c in image if c not in table.primary_key.columns.keys()]
+        changed = [c for c in image if c not in table.primary_key.columns]
         connection.execute(sa.update(table).where(where_pk).values({c: image[c] for c in changed}))
         return
     status = host.task_col("status")

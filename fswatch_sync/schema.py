@@ -24,6 +24,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
+from sqlalchemy.sql.schema import SchemaItem
 
 from fswatch_sync.errors import SettingsError
 
@@ -182,15 +183,22 @@ class SchemaConfig:
             if name in data:
                 kwargs[name] = _name(f"schema.{name}", data.pop(name))
         if "apps_columns" in data:
-            kwargs["apps"] = _dataclass_from(AppColumns, "schema.apps_columns", data.pop("apps_columns"))
+            kwargs["apps"] = _dataclass_from(
+                AppColumns, "schema.apps_columns", data.pop("apps_columns")
+            )
         if "tasks_columns" in data:
             kwargs["tasks"] = _dataclass_from(
-                TaskColumns, "schema.tasks_columns", data.pop("tasks_columns"), optional={"parent_id", "error_message"}
+                TaskColumns,
+                "schema.tasks_columns",
+                data.pop("tasks_columns"),
+                optional={"parent_id", "error_message"},
             )
         if "statuses" in data:
             kwargs["statuses"] = _statuses(data.pop("statuses"))
         if "dependents_policy" in data:
-            kwargs["dependents_policy"] = _policy("schema.dependents_policy", data.pop("dependents_policy"))
+            kwargs["dependents_policy"] = _policy(
+                "schema.dependents_policy", data.pop("dependents_policy")
+            )
         if "dependents" in data:
             kwargs["dependents"] = _dependents(data.pop("dependents"))
         if data:
@@ -263,7 +271,9 @@ def _statuses(raw: Any) -> Statuses:
 
 def _dependents(raw: Any) -> tuple[Dependent, ...]:
     if not isinstance(raw, list):
-        raise SettingsError("schema.dependents", "must be an array of tables ([[schema.dependents]])")
+        raise SettingsError(
+            "schema.dependents", "must be an array of tables ([[schema.dependents]])"
+        )
     result = []
     for index, item in enumerate(raw):
         setting = f"schema.dependents[{index}]"
@@ -298,7 +308,7 @@ def default_host_metadata(config: SchemaConfig) -> MetaData:
         Column(apps.created_at, DateTime(), nullable=True),
         UniqueConstraint(apps.model_slug, apps.app_number),
     )
-    task_columns = [
+    task_columns: list[SchemaItem] = [
         Column(tasks.id, Integer, primary_key=True, autoincrement=True),
         Column(tasks.task_id, String(100), nullable=False, unique=True),
         Column(tasks.target_model, String(200), nullable=False),

@@ -185,10 +185,26 @@ class Store:
 
     def app_rows(self) -> list[AppRow]:
         host = self.host
-        slug, number, created = (host.app_col(r) for r in ("model_slug", "app_number", "created_at"))
+        slug, number, created = (
+            host.app_col(r) for r in ("model_slug", "app_number", "created_at")
+        )
         with self.reader.connect() as connection:
             result = connection.execute(sa.select(slug, number, created))
             return [AppRow(AppKey(s, int(n)), db.from_db_time(c)) for s, n, c in result]
+
+    def app_rows_exist(self) -> bool:
+        host = self.host
+        with self.reader.connect() as connection:
+            found = connection.execute(sa.select(host.app_col("id")).limit(1)).first()
+        return found is not None
+
+    def app_keys_for_slug(self, slug: str) -> list[AppKey]:
+        """Every app row of one model (a whole model directory has gone)."""
+        host = self.host
+        slug_col, number_col = host.app_col("model_slug"), host.app_col("app_number")
+        with self.reader.connect() as connection:
+            rows = connection.execute(sa.select(number_col).where(slug_col == slug)).all()
+        return [AppKey(slug, int(number)) for (number,) in rows]
 
     def active_tasks(self) -> list[ActiveTask]:
         """Every active task, with whether its target app has a row."""
@@ -295,9 +311,9 @@ class Store:
             tasks = connection.execute(
                 self._locked(
                     sa.select(host.tasks).where(
-                        sa.tuple_(host.task_col("target_model"), host.task_col("target_app_number")).in_(
-                            [tuple(k) for k in removing]
-                        ),
+                        sa.tuple_(
+                            host.task_col("target_model"), host.task_col("target_app_number")
+                        ).in_([tuple(k) for k in removing]),
                         host.task_col("status").in_(self.config.statuses.active),
                     ),
                     connection,
@@ -547,13 +563,18 @@ def _set_task_status(
             TaskChange(mapping[id_col], str(mapping[host.task_col("task_id")]), key,
                        mapping[status_col], new_status)
         )
-        journal.add(action, host.tasks, row, key, old_status=mapping[status_col], new_status=new_status)
+        journal.add(
+            action, host.tasks, row, key, old_status=mapping[status_col], new_status=new_status
+        )
         by_group.setdefault((mapping[status_col], message(key)), []).append(mapping[id_col])
     if dry_run:
         return changes
     stamp = db.to_db_time(now)
     for (old_status, text), pks in by_group.items():
-        values: dict[str, Any] = {status_col.name: new_status, host.config.tasks.completed_at: stamp}
+        values: dict[str, Any] = {
+            status_col.name: new_status,
+            host.config.tasks.completed_at: stamp,
+        }
         if host.has_error_message:
             values[host.config.tasks.error_message] = text
         for part in chunks(pks, 1000):
