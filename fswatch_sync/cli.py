@@ -11,7 +11,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -33,12 +33,12 @@ log = logging.getLogger("fswatch_sync")
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:  # one line, exit 2, like every other bad input
+    def error(self, message: str) -> NoReturn:  # one line, exit 2, like every other bad input
         self.exit(EXIT_SETTINGS, f"{self.prog}: error: {message}\n")
 
 
-def _settings_parent() -> argparse.ArgumentParser:
-    parent: argparse.ArgumentParser = _Parser(add_help=False)
+def _settings_parent() -> _Parser:
+    parent = _Parser(add_help=False)
     group = parent.add_argument_group("settings (flag > environment > config file > default)")
     group.add_argument("--config", metavar="PATH", help="TOML settings file (FSWATCH_SYNC_CONFIG)")
     for spec in SPECS:
@@ -53,13 +53,17 @@ def _settings_parent() -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     parent = _settings_parent()
-    parser = _Parser(prog=PROG, description="Keep app rows and tasks in step with a directory tree.")
+    parser = _Parser(
+        prog=PROG, description="Keep app rows and tasks in step with a directory tree."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     commands.add_parser("run", parents=[parent], help="run the daemon: watch and sweep")
 
     sweep = commands.add_parser("sweep", parents=[parent], help="one full reconciliation pass")
-    sweep.add_argument("--dry-run", action="store_true", help="change nothing; report what a run would do")
+    sweep.add_argument(
+        "--dry-run", action="store_true", help="change nothing; report what a run would do"
+    )
     sweep.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     sweep.add_argument("--force", action="store_true", help="pass the mass-deletion guard")
     sweep.add_argument("--now", metavar="ISO", help=argparse.SUPPRESS)
@@ -279,7 +283,7 @@ def cmd_restore(args: argparse.Namespace, settings: Settings, out: TextIO) -> in
 def cmd_run(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
     from fswatch_sync.daemon import run_daemon
 
-    return run_daemon(settings)
+    return int(run_daemon(settings))
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, Settings, TextIO], int]] = {

@@ -149,9 +149,12 @@ def classify_tasks(
             start = _age_start(task)
             if start is not None and start < now - running_timeout:
                 stuck_running.append(task.pk)
-        elif task.status == pending:
-            if task.created_at is not None and task.created_at < now - pending_timeout:
-                stuck_pending.append(task.pk)
+        elif (
+            task.status == pending
+            and task.created_at is not None
+            and task.created_at < now - pending_timeout
+        ):
+            stuck_pending.append(task.pk)
     return TaskPlan(orphans, stuck_running, stuck_pending)
 
 
@@ -368,7 +371,9 @@ class Sweeper:
         announce.task_changes(self.sender, changes, reason=reason, source="sweep", failed=failed)
         return len(changes)
 
-    def _in_steps(self, label: str, items: Sequence[Any], apply: Callable[[Sequence[Any]], Any]) -> Any:
+    def _in_steps(
+        self, label: str, items: Sequence[Any], apply: Callable[[Sequence[Any]], Any]
+    ) -> Any:
         """Apply in steps of a few batches so that progress can be shown between them."""
         if self.progress is None:
             return apply(items)
