@@ -101,11 +101,15 @@ def _is_real_dir(path: Path) -> bool:
 
 
 def app_exists(root: Path, key: AppKey) -> bool:
-    """True when the app's directory is a real directory (no symlink on the way) in the root."""
+    """True when the app's directory is a real directory (no symlink below the root).
+
+    The root itself may be a symlink (to a mounted volume, say), exactly as :func:`scan_apps`
+    follows it; the model and app directories below it must be real directories.
+    """
     directory = app_dir(root, key)
     return (
         directory is not None
-        and _is_real_dir(root)
+        and os.path.isdir(root)
         and _is_real_dir(directory.parent)
         and _is_real_dir(directory)
     )
@@ -137,11 +141,28 @@ def model_dirs(root: Path) -> Iterator[str]:
 
 
 def scan_apps(root: Path, slugs: Iterable[str] | None = None) -> set[AppKey]:
-    """Every app directory present under the root: one ``scandir`` per model directory."""
+    """Every app directory present under the root: one ``scandir`` per model directory.
+
+    ``slugs`` limits the scan to those model directories; one that could escape the root or is
+    not a real directory (a symlink, say) is skipped, exactly as a full scan would skip it.
+    """
     present: set[AppKey] = set()
-    for slug in model_dirs(root) if slugs is None else slugs:
+    if slugs is None:
+        chosen: Iterable[str] = model_dirs(root)
+    else:
+        chosen = (s for s in slugs if is_safe_slug(s) and _is_real_dir(root / s))
+    for slug in chosen:
         for name in _real_subdirs(os.path.join(root, slug)):
             number = parse_app_dir_name(name)
             if number is not None:
                 present.add(AppKey(slug, number))
     return present
+
+
+def any_app_dir(root: Path) -> bool:
+    """Whether at least one app directory exists (stops at the first one found)."""
+    for slug in model_dirs(root):
+        for name in _real_subdirs(os.path.join(root, slug)):
+            if parse_app_dir_name(name) is not None:
+                return True
+    return False
