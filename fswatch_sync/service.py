@@ -1,0 +1,345 @@
+"""The service's lifecycle: the watcher, the reactor, the sweeper and a monitor, as threads.
+
+Usable on its own (``Service(settings).start()``), from the Flask extension, or by the daemon.
+
+Which work runs where: the reactor runs in every instance — its removals are idempotent and
+re-checked under lock, so instances that share storage can all react. The sweep runs only in the
+instance holding the maintenance lease (a row in ``fswatch_sync_leases``), so several instances
+on one database never sweep at the same time, and a periodic sweep is skipped when another
+instance finished one recently.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from datetime import datetime, timedelta
+from typing import Any
+
+from fswatch_sync import db, records, signals
+from fswatch_sync.errors import LeaseUnavailable, SweepRefused
+from fswatch_sync.layout import any_app_dir, root_present
+from fswatch_sync.reactor import Reactor
+from fswatch_sync.settings import Settings, describe
+from fswatch_sync.stats import Stats
+from fswatch_sync.store import Store
+from fswatch_sync.sweep import Sweeper, SweepReport
+from fswatch_sync.watcher import Watcher, choose_observer_kind
+
+log = logging.getLogger(__name__)
+
+MONITOR_SECONDS = 1.0
+STOP_JOIN_SECONDS = 4.0
+
+
+def open_store(settings: Settings) -> Store:
+    return Store(db.create_engine(settings.database_url), settings.schema,
+                 batch_size=settings.batch_size)
+
+
+class Service:
+    """One running instance of fswatch_sync."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store: Store | None = None,
+        instance_id: str | None = None,
+        initial_sweep: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.store = store or open_store(settings)
+        self.instance_id = instance_id or records.new_instance_id()
+        self.initial_sweep = initial_sweep
+        self.stats = Stats()
+        self.started_at: datetime | None = None
+        self._stop = threading.Event()
+        self._sweep_wanted = threading.Event()
+        self._root_changed = threading.Event()
+        self._triggers: list[str] = []
+        self._triggers_lock = threading.Lock()
+        self._sweep_lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._root_state = "unknown"
+        self.observer_kind = choose_observer_kind(settings.observer, settings.root)
+        self.sweeper = Sweeper(self.store, settings, instance_id=self.instance_id, sender=self)
+        self.reactor = Reactor(
+            self.store,
+            settings.root,
+            sender=self,
+            stats=self.stats,
+            request_sweep=self.request_sweep,
+            root_unusable=lambda _reason: self._root_changed.set(),
+            settle_seconds=settings.settle_ms / 1000,
+            max_pending=settings.max_pending_events,
+            root_marker=settings.root_marker,
+        )
+        self.watcher = self._new_watcher()
+
+    def _new_watcher(self) -> Watcher:
+        return Watcher(
+            self.settings.root,
+            on_hint=self.reactor.submit,
+            on_root_change=self._root_changed.set,
+            on_overflow=self._on_overflow,
+            observer_kind=self.observer_kind,
+            polling_interval=self.settings.polling_interval_seconds,
+        )
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return bool(self._threads) and not self._stop.is_set()
+
+    def start(self) -> None:
+        if self._threads:
+            raise RuntimeError("the service is already started")
+        if self.store.config.manage_host_tables:
+            self.store.init_db()
+        else:
+            self.store.ensure_tool_tables()
+        self.started_at = db.utcnow()
+        self._stop.clear()
+        self.watcher.start()
+        self._update_root_state()
+        for name, target in (
+            ("reactor", lambda: self.reactor.run(self._stop)),
+            ("sweeper", self._sweep_loop),
+            ("monitor", self._monitor_loop),
+        ):
+            thread = threading.Thread(target=target, name=f"fswatch-sync-{name}", daemon=True)
+            self._threads.append(thread)
+            thread.start()
+        self._heartbeat()
+        if self.initial_sweep:
+            self.request_sweep("startup")
+        log.info(
+            "started %s: root %s, database %s, %s observer",
+            self.instance_id,
+            self.settings.root,
+            self.settings.redacted_database_url(),
+            self.observer_kind,
+        )
+
+    def stop(self, timeout: float = STOP_JOIN_SECONDS) -> None:
+        """Stop every thread; an in-flight batch finishes its transaction first."""
+        if not self._threads:
+            return
+        self._stop.set()
+        self._sweep_wanted.set()
+        self._root_changed.set()
+        with self.reactor._condition:
+            self.reactor._condition.notify_all()
+        self.watcher.stop()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(timeout=max(deadline - time.monotonic(), 0.05))
+        self._threads = []
+        self.stats.set("watch_state", "stopped")
+        try:
+            self._heartbeat(state="stopped")
+        except Exception:
+            log.warning("could not record the stop in the database", exc_info=True)
+        log.info("stopped %s", self.instance_id)
+
+    def __enter__(self) -> Service:
+        self.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+    # -- sweeping -------------------------------------------------------------------------------
+
+    def request_sweep(self, trigger: str = "manual") -> None:
+        """Ask the sweeper thread for a full sweep as soon as possible (non-blocking)."""
+        with self._triggers_lock:
+            self._triggers.append(trigger)
+        self._sweep_wanted.set()
+
+    def sweep_now(
+        self,
+        *,
+        dry_run: bool = False,
+        force: bool = False,
+        now: datetime | None = None,
+        trigger: str = "manual",
+    ) -> SweepReport:
+        """Run a full sweep in the caller's thread and return its report.
+
+        Raises SweepRefused when the guard refuses and LeaseUnavailable when another instance
+        is sweeping.
+        """
+        with self._sweep_lock:
+            try:
+                report = self.sweeper.run(now=now, dry_run=dry_run, force=force, trigger=trigger)
+            except SweepRefused:
+                self.stats.add("sweeps_refused")
+                raise
+            self._count(report)
+            return report
+
+    def _count(self, report: SweepReport) -> None:
+        self.stats.add("sweeps")
+        self.stats.set("last_sweep_at", db.utcnow().isoformat())
+        self.stats.set("last_sweep", report.to_dict())
+        if not report.dry_run:
+            self.stats.add("apps_removed", report.orphan_apps)
+            self.stats.add("tasks_cancelled", report.orphan_tasks + report.stuck_pending)
+            self.stats.add("tasks_failed", report.stuck_running)
+            self.stats.add("tasks_purged", report.old_tasks)
+
+    def _next_period(self) -> float:
+        spread = self.settings.sweep_jitter_fraction
+        return self.settings.interval_seconds * (1 + random.uniform(-spread, spread))
+
+    def _sweep_loop(self) -> None:
+        next_at = time.monotonic() + self._next_period()
+        while not self._stop.is_set():
+            fired = self._sweep_wanted.wait(timeout=max(next_at - time.monotonic(), 0.0))
+            if self._stop.is_set():
+                return
+            self._sweep_wanted.clear()
+            with self._triggers_lock:
+                triggers, self._triggers = self._triggers, []
+            if fired and triggers:
+                trigger = triggers[0]
+            else:
+                next_at = time.monotonic() + self._next_period()
+                if not self.settings.enabled or self._swept_recently():
+                    continue
+                trigger = "periodic"
+            self._sweep_quietly(trigger)
+            next_at = time.monotonic() + self._next_period()
+
+    def _swept_recently(self) -> bool:
+        """Another instance finished a sweep within half a period: this one skips its turn."""
+        for sweep in records.recent_sweeps(self.store.engine, limit=5):
+            if sweep["outcome"] == "ok" and sweep["finished_at"]:
+                finished = datetime.fromisoformat(sweep["finished_at"])
+                age = db.utcnow() - finished
+                return age < timedelta(seconds=self.settings.interval_seconds / 2)
+        return False
+
+    def _sweep_quietly(self, trigger: str) -> None:
+        try:
+            self.sweep_now(trigger=trigger)
+        except LeaseUnavailable as exc:
+            log.info("sweep (%s) skipped: %s", trigger, exc)
+        except SweepRefused:
+            pass  # the sweeper logged why; nothing was changed
+        except Exception:
+            self.stats.add("errors")
+            log.exception("sweep (%s) failed; the next one will finish the job", trigger)
+
+    # -- watching the root ------------------------------------------------------------------------
+
+    def _on_overflow(self) -> None:
+        self.stats.add("errors")
+        signals.send(
+            signals.watch_degraded, self, reason="overflow",
+            detail="filesystem events were lost; sweeping",
+        )
+        self.request_sweep("overflow")
+
+    def _root_problem(self) -> str | None:
+        if not root_present(self.settings.root, self.settings.root_marker):
+            return "root-missing"
+        if not any_app_dir(self.settings.root) and self.store.app_rows_exist():
+            return "root-empty"
+        return None
+
+    def _update_root_state(self) -> None:
+        problem = self._root_problem()
+        state = problem or "watching"
+        previous, self._root_state = self._root_state, state
+        self.stats.set("watch_state", state)
+        if state == previous:
+            return
+        if problem is not None:
+            self.reactor.discard_pending()
+            detail = (
+                f"the root {self.settings.root} is missing or not mounted; removing nothing"
+                if problem == "root-missing"
+                else f"the root {self.settings.root} has no app directory while app rows exist;"
+                " removing nothing"
+            )
+            log.warning("%s", detail)
+            signals.send(signals.watch_degraded, self, reason=problem, detail=detail)
+        elif previous in ("root-missing", "root-empty"):
+            log.info("the root %s is back; watching again and sweeping", self.settings.root)
+            self.watcher.forget_root()
+            self.watcher.rewatch()
+            signals.send(signals.watch_degraded, self, reason="recovered", detail="root is back")
+            self.request_sweep("root-back")
+
+    def _monitor_loop(self) -> None:
+        last_beat = time.monotonic()
+        restart_backoff = 1.0
+        next_restart = 0.0
+        while not self._stop.is_set():
+            self._root_changed.wait(timeout=MONITOR_SECONDS)
+            self._root_changed.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self._update_root_state()
+                if not self.watcher.is_alive() and time.monotonic() >= next_restart:
+                    restart_backoff = self._restart_watcher(restart_backoff)
+                    next_restart = time.monotonic() + restart_backoff
+                if time.monotonic() - last_beat >= self.settings.heartbeat_seconds:
+                    last_beat = time.monotonic()
+                    self._heartbeat()
+            except Exception:
+                self.stats.add("errors")
+                log.exception("monitor check failed")
+
+    def _restart_watcher(self, backoff: float) -> float:
+        log.error("the filesystem observer stopped; restarting it and sweeping")
+        self.stats.add("errors")
+        signals.send(signals.watch_degraded, self, reason="observer-error",
+                     detail="the observer stopped; restarting")
+        self.watcher.stop()
+        self.watcher = self._new_watcher()
+        try:
+            self.watcher.start()
+        except Exception:
+            log.exception("could not restart the observer; next try in %.0fs", backoff * 2)
+            return min(backoff * 2, 60.0)
+        self.request_sweep("recovery")
+        return 1.0
+
+    # -- status ---------------------------------------------------------------------------------
+
+    def _heartbeat(self, state: str | None = None) -> None:
+        records.record_instance(
+            self.store.engine,
+            self.instance_id,
+            state=state or self._root_state,
+            root=str(self.settings.root),
+            stats=self.status_stats(),
+            now=db.utcnow(),
+            started_at=self.started_at or db.utcnow(),
+        )
+
+    def status_stats(self) -> dict[str, Any]:
+        stats = self.stats.snapshot()
+        stats["queue_depth"] = self.reactor.pending()
+        stats["watches"] = self.watcher.watch_count
+        stats["observer"] = self.observer_kind
+        return stats
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "instance_id": self.instance_id,
+            "running": self.running,
+            "started_at": self.started_at.isoformat() if self.started_at else None,
+            "root": str(self.settings.root),
+            "database": self.settings.redacted_database_url(),
+            "stats": self.status_stats(),
+            "settings": describe(self.settings),
+        }

@@ -1,0 +1,292 @@
+"""A thin adapter over watchdog: which app directories may have gone, and is the root there.
+
+Watches are non-recursive: the root, each model directory, and the root's parent (to see the root
+itself vanish and come back). An app directory removed in any way — ``rm -rf``, ``rmdir``, moved
+out, renamed — is a delete or move-away event in its model directory's watch; a whole model
+directory removed is one in the root's. Generated apps hold ``node_modules`` and build trees, so
+a recursive watch would cost a kernel watch per directory below the root (see DESIGN.md).
+
+The adapter only reports *hints*; the reactor re-checks the disk and the database decides.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver, ObservedWatch
+from watchdog.observers.polling import PollingObserver
+
+from fswatch_sync.layout import AppKey, key_for_path, model_dirs, slug_for_path
+
+log = logging.getLogger(__name__)
+
+# Filesystems whose changes made by other clients never reach this kernel's inotify.
+NETWORK_FILESYSTEMS = frozenset(
+    {"nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "fuse.sshfs", "9p", "ceph",
+     "glusterfs", "fuse.glusterfs", "lustre", "gpfs", "afs", "fuse.s3fs", "fuse.rclone"}
+)
+# watchdog logs the kernel's IN_Q_OVERFLOW on this logger and carries on; the log record is the
+# one place where the loss becomes visible, so that is where it is caught.
+_OVERFLOW_LOGGERS = ("watchdog.observers.inotify_c", "watchdog.observers.inotify")
+
+
+@dataclass(frozen=True)
+class AppGone:
+    """The app directory may have been removed, moved away or renamed."""
+
+    key: AppKey
+
+
+@dataclass(frozen=True)
+class ModelGone:
+    """The whole model directory may have been removed: every app of that slug is a candidate."""
+
+    slug: str
+
+
+Hint = AppGone | ModelGone
+
+
+def filesystem_type(path: Path) -> str | None:
+    """The type of the filesystem holding ``path``, from /proc/mounts (None if unknown)."""
+    try:
+        target = os.path.realpath(path if path.exists() else path.parent)
+        best, best_type = "", None
+        with open("/proc/mounts", encoding="utf-8", errors="replace") as mounts:
+            for line in mounts:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                mount_point = fields[1].replace("\\040", " ")
+                inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
+                if inside and len(mount_point) >= len(best):
+                    best, best_type = mount_point, fields[2]
+        return best_type
+    except OSError:
+        return None
+
+
+def choose_observer_kind(setting: str, root: Path) -> str:
+    """``auto`` is ``polling`` on a network filesystem and ``native`` elsewhere."""
+    if setting != "auto":
+        return setting
+    kind = filesystem_type(root)
+    return "polling" if kind in NETWORK_FILESYSTEMS else "native"
+
+
+class _OverflowDetector(logging.Handler):
+    def __init__(self, callback: Callable[[], None]) -> None:
+        super().__init__(level=logging.WARNING)
+        self.callback = callback
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "overflow" in record.getMessage().lower():
+            self.callback()
+
+
+class Watcher:
+    """Schedules the non-recursive watches and turns events into hints.
+
+    Callbacks run on watchdog's dispatcher thread and must be quick: ``on_hint`` (an app or model
+    may be gone), ``on_root_change`` (the root vanished or appeared), ``on_overflow`` (events were
+    lost), ``on_error`` (the observer failed).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        on_hint: Callable[[Hint], None],
+        on_root_change: Callable[[], None],
+        on_overflow: Callable[[], None],
+        observer_kind: str = "native",
+        polling_interval: float = 1.0,
+    ) -> None:
+        self.root = root
+        self.on_hint = on_hint
+        self.on_root_change = on_root_change
+        self.on_overflow = on_overflow
+        self.observer_kind = observer_kind
+        self.polling_interval = polling_interval
+        self._lock = threading.Lock()
+        self._observer: BaseObserver | None = None
+        self._model_watches: dict[str, ObservedWatch] = {}
+        self._root_watch: ObservedWatch | None = None
+        self._handler = _Handler(self)
+        self._overflow_detector = _OverflowDetector(self.inject_overflow)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        observer: BaseObserver
+        if self.observer_kind == "polling":
+            observer = PollingObserver(timeout=self.polling_interval)
+        else:
+            observer = Observer()
+        with self._lock:
+            self._observer = observer
+            self._model_watches.clear()
+            self._root_watch = None
+        # The parent is watched so the root's own removal and return are seen.
+        observer.schedule(self._handler, str(self.root.parent), recursive=False)
+        self._watch_root_and_models()
+        for name in _OVERFLOW_LOGGERS:
+            logging.getLogger(name).addHandler(self._overflow_detector)
+        observer.start()
+
+    def stop(self) -> None:
+        for name in _OVERFLOW_LOGGERS:
+            logging.getLogger(name).removeHandler(self._overflow_detector)
+        with self._lock:
+            observer, self._observer = self._observer, None
+        if observer is not None:
+            observer.stop()
+            observer.join(timeout=5)
+
+    def is_alive(self) -> bool:
+        observer = self._observer
+        return observer is not None and observer.is_alive()
+
+    @property
+    def watch_count(self) -> int:
+        with self._lock:
+            return len(self._model_watches) + (1 if self._root_watch else 0) + 1
+
+    def inject_overflow(self) -> None:
+        """Events were lost (the kernel queue overflowed): tell the service."""
+        log.warning("filesystem events were lost (queue overflow); a full sweep follows")
+        self.on_overflow()
+
+    # -- watches ----------------------------------------------------------------------------------
+
+    def _watch_root_and_models(self) -> None:
+        """Watch the root and every model directory in it (no-op for those already watched)."""
+        if not os.path.isdir(self.root):
+            return
+        with self._lock:
+            observer = self._observer
+            if observer is None:
+                return
+            if self._root_watch is None:
+                try:
+                    self._root_watch = observer.schedule(
+                        self._handler, str(self.root), recursive=False
+                    )
+                except OSError as exc:
+                    log.warning("cannot watch the root %s: %s", self.root, exc)
+                    return
+        for slug in model_dirs(self.root):
+            self.watch_model(slug)
+
+    def watch_model(self, slug: str) -> None:
+        with self._lock:
+            observer = self._observer
+            if observer is None or slug in self._model_watches:
+                return
+            try:
+                self._model_watches[slug] = observer.schedule(
+                    self._handler, str(self.root / slug), recursive=False
+                )
+            except OSError:
+                # Gone again before it could be watched; the root's watch reports that.
+                return
+
+    def forget_model(self, slug: str) -> None:
+        with self._lock:
+            watch = self._model_watches.pop(slug, None)
+            observer = self._observer
+        if watch is not None and observer is not None:
+            _unschedule(observer, watch)
+
+    def forget_root(self) -> None:
+        with self._lock:
+            watches = list(self._model_watches.values())
+            if self._root_watch is not None:
+                watches.append(self._root_watch)
+            self._model_watches.clear()
+            self._root_watch = None
+            observer = self._observer
+        if observer is not None:
+            for watch in watches:
+                _unschedule(observer, watch)
+
+    def rewatch(self) -> None:
+        """The root is back (or may be): watch it and its model directories again."""
+        self._watch_root_and_models()
+
+    # -- events -----------------------------------------------------------------------------------
+
+    def handle(self, event: FileSystemEvent) -> None:
+        src = os.fsdecode(event.src_path)
+        if os.path.normpath(src) == os.path.normpath(self.root):
+            if isinstance(event, DirDeletedEvent | DirMovedEvent):
+                self.forget_root()
+                self.on_root_change()
+            elif isinstance(event, DirCreatedEvent):
+                self.rewatch()
+                self.on_root_change()
+            return
+        if isinstance(event, DirMovedEvent):
+            dest = os.fsdecode(event.dest_path)
+            if os.path.normpath(dest) == os.path.normpath(self.root):
+                self.rewatch()
+                self.on_root_change()
+                return
+            self._gone(src)
+            slug = slug_for_path(self.root, dest)
+            if slug is not None:
+                self.watch_model(slug)
+            return
+        if event.event_type == "deleted" or isinstance(event, DirDeletedEvent):
+            self._gone(src)
+            return
+        if isinstance(event, DirCreatedEvent):
+            slug = slug_for_path(self.root, src)
+            if slug is not None:
+                self.watch_model(slug)
+
+    def _gone(self, src: str) -> None:
+        key = key_for_path(self.root, src)
+        if key is not None:
+            self.on_hint(AppGone(key))
+            return
+        slug = slug_for_path(self.root, src)
+        if slug is not None:
+            self.forget_model(slug)
+            self.on_hint(ModelGone(slug))
+
+
+def _unschedule(observer: BaseObserver, watch: ObservedWatch) -> None:
+    try:
+        observer.unschedule(watch)
+    except (KeyError, OSError):
+        pass  # watchdog already dropped a watch whose directory vanished
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, watcher: Watcher) -> None:
+        self.watcher = watcher
+
+    def dispatch(self, event: FileSystemEvent) -> None:
+        try:
+            self.watcher.handle(event)
+        except Exception:
+            log.exception("could not handle filesystem event %r", event)
+
+
+def describe_observer(observer: Any) -> str:
+    return type(observer).__name__
