@@ -1,8 +1,10 @@
 """The Settings value and where it comes from.
 
 Every setting resolves in one place as: command-line flag, else environment, else the TOML file,
-else the default. The seed system's ``MAINTENANCE_*`` variables are read as environment aliases
-that lose to the matching ``FSWATCH_SYNC_*`` variable.
+else the default. The seed system's ``MAINTENANCE_*`` variables are honoured as a fallback just
+above the default: a setting given under its own name anywhere (flag, ``FSWATCH_SYNC_*``
+variable or the TOML file) wins over the legacy alias, so ``MAINTENANCE_STUCK_TASK_TIMEOUT_MINUTES``
+sets both timeouts unless the specific ones are set.
 """
 
 from __future__ import annotations
@@ -335,10 +337,10 @@ def load_settings(
             raw, origin = flags[spec.name], spec.flag
         elif spec.env in environ:
             raw, origin = environ[spec.env], spec.env
-        elif (alias := next((a for a in spec.aliases if a in environ), None)) is not None:
-            raw, origin = environ[alias], alias
         elif spec.name in file_values:
             raw, origin = file_values[spec.name], f"{spec.name} (config file)"
+        elif (alias := next((a for a in spec.aliases if a in environ), None)) is not None:
+            raw, origin = environ[alias], alias
         else:
             continue
         values[spec.name] = spec.parse(origin, raw)
