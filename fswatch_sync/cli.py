@@ -9,7 +9,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, NoReturn, TextIO
 
@@ -136,13 +136,18 @@ def configure_logging(level: str) -> None:
     root.propagate = False
 
 
-def _settings_from(args: argparse.Namespace) -> Settings:
-    flags = {
-        key.removeprefix("setting_"): value
+def _settings_from(
+    args: argparse.Namespace, base_flags: Mapping[str, Any] | None = None
+) -> Settings:
+    """Settings from argv flags, then ``base_flags`` (a host app's config), env, file, default."""
+    flags = dict(base_flags or {})
+    config_path = flags.pop("config", None)
+    flags.update(
+        (key.removeprefix("setting_"), value)
         for key, value in vars(args).items()
         if key.startswith("setting_") and value is not None
-    }
-    return load_settings(flags, config_path=args.config)
+    )
+    return load_settings(flags, config_path=args.config or config_path)
 
 
 def open_store(settings: Settings) -> Store:
@@ -296,11 +301,16 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings, TextIO], int]] = {
 }
 
 
-def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None,
+    out: TextIO | None = None,
+    base_flags: Mapping[str, Any] | None = None,
+) -> int:
+    """Run one command; ``base_flags`` are settings a host app configured (argv flags win)."""
     args = build_parser().parse_args(argv)
     out = out or sys.stdout
     try:
-        settings = _settings_from(args)
+        settings = _settings_from(args, base_flags)
         configure_logging(settings.log_level)
         return COMMANDS[args.command](args, settings, out)
     except SettingsError as exc:

@@ -185,6 +185,7 @@ class Service:
 
     def _count(self, report: SweepReport) -> None:
         self.stats.add("sweeps")
+        self.stats.observe_sweep(report.duration_seconds)
         self.stats.set("last_sweep_at", db.utcnow().isoformat())
         self.stats.set("last_sweep", report.to_dict())
         if not report.dry_run:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
+
+# Upper bounds (seconds) of the sweep-duration histogram's buckets; one more bucket is +Inf.
+SWEEP_DURATION_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 COUNTERS = (
     "apps_removed",
@@ -22,8 +26,23 @@ class Stats:
         self._lock = threading.Lock()
         self._values: dict[str, Any] = dict.fromkeys(COUNTERS, 0)
         self._values.update(
-            queue_depth=0, watch_state="starting", last_sweep_at=None, last_sweep=None
+            queue_depth=0, watch_state="starting", last_sweep_at=None, last_sweep=None,
+            last_sweep_timestamp=0.0, sweep_duration_sum=0.0,
+            sweep_duration_buckets=[0] * (len(SWEEP_DURATION_BUCKETS) + 1),
         )
+
+    def observe_sweep(self, seconds: float) -> None:
+        """Record one sweep's duration in the histogram and when it finished."""
+        index = next(
+            (i for i, bound in enumerate(SWEEP_DURATION_BUCKETS) if seconds <= bound),
+            len(SWEEP_DURATION_BUCKETS),
+        )
+        with self._lock:
+            buckets = list(self._values["sweep_duration_buckets"])
+            buckets[index] += 1
+            self._values["sweep_duration_buckets"] = buckets
+            self._values["sweep_duration_sum"] += seconds
+            self._values["last_sweep_timestamp"] = time.time()
 
     def add(self, name: str, amount: int = 1) -> None:
         with self._lock:

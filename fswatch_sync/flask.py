@@ -1,0 +1,138 @@
+"""The Flask extension.
+
+    from fswatch_sync.flask import FswatchSync
+
+    fswatch = FswatchSync()
+
+    def create_app():
+        app = Flask(__name__)
+        app.config["FSWATCH_SYNC_ROOT"] = "generated/apps"
+        fswatch.init_app(app)
+        return app
+
+Settings come from ``app.config`` keys ``FSWATCH_SYNC_<SETTING>`` (``FSWATCH_SYNC_ROOT``,
+``FSWATCH_SYNC_DATABASE_URL``, ...), then the environment, the TOML file
+(``FSWATCH_SYNC_CONFIG``) and the defaults. Without a database URL anywhere, the app's
+``SQLALCHEMY_DATABASE_URI`` is used.
+
+When it starts: with the first request a worker handles (``FSWATCH_SYNC_AUTOSTART``, default
+True), or when ``fswatch.start()`` is called. Starting lazily is what keeps it safe: the debug
+reloader's parent process and ``flask ...`` commands never handle a request, so they never start
+a second copy; under gunicorn each worker starts its own, and only the lease holder sweeps.
+Do not call ``start()`` before a fork (``preload_app``): threads do not survive it.
+
+Commands: ``flask fswatch-sync sweep|status|journal|restore|init-db ...`` take the same options
+as the ``fswatch-sync`` command, with the app's configuration as their defaults.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+import threading
+from typing import Any
+
+import click
+from flask import Flask, current_app
+from flask.cli import AppGroup, with_appcontext
+
+from fswatch_sync import cli
+from fswatch_sync.service import Service
+from fswatch_sync.settings import SPECS, load_settings
+
+EXTENSION_KEY = "fswatch_sync"
+CONFIG_PREFIX = "FSWATCH_SYNC_"
+
+
+def config_flags(app: Flask) -> dict[str, Any]:
+    """The settings the app's configuration gives, as flag-level values."""
+    flags: dict[str, Any] = {}
+    for spec in SPECS:
+        value = app.config.get(CONFIG_PREFIX + spec.name.upper())
+        if value is not None:
+            flags[spec.name] = value if isinstance(value, str | bool) else str(value)
+    if app.config.get(CONFIG_PREFIX + "CONFIG"):
+        flags["config"] = str(app.config[CONFIG_PREFIX + "CONFIG"])
+    has_url = "database_url" in flags or (CONFIG_PREFIX + "DATABASE_URL") in os.environ
+    if not has_url and app.config.get("SQLALCHEMY_DATABASE_URI"):
+        flags["database_url"] = str(app.config["SQLALCHEMY_DATABASE_URI"])
+    return flags
+
+
+class FswatchSync:
+    """Keeps the app's rows in step with its directory tree, from inside the app."""
+
+    def __init__(self, app: Flask | None = None, *, autostart: bool | None = None) -> None:
+        self._autostart = autostart
+        self._lock = threading.Lock()
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> None:
+        if EXTENSION_KEY in app.extensions:
+            raise RuntimeError(
+                "fswatch_sync is already registered on this app; call init_app once per app"
+            )
+        app.config.setdefault(CONFIG_PREFIX + "AUTOSTART", True)
+        flags = config_flags(app)
+        config_path = flags.pop("config", None)
+        settings = load_settings(flags, config_path=config_path)
+        service = Service(settings)
+        app.extensions[EXTENSION_KEY] = service
+        app.cli.add_command(_command_group())
+        autostart = (
+            self._autostart if self._autostart is not None
+            else bool(app.config[CONFIG_PREFIX + "AUTOSTART"])
+        )
+        if autostart:
+            app.before_request(lambda: self._start_once(service))
+
+    def _start_once(self, service: Service) -> None:
+        if service.running:
+            return
+        with self._lock:
+            if not service.running:
+                service.start()
+                atexit.register(service.stop)
+
+    def service(self, app: Flask | None = None) -> Service:
+        target = app or current_app
+        service = target.extensions.get(EXTENSION_KEY)
+        if not isinstance(service, Service):
+            raise RuntimeError("fswatch_sync is not registered on this app (call init_app)")
+        return service
+
+    def start(self, app: Flask | None = None) -> Service:
+        """Start now (for example in a gunicorn post_worker_init hook)."""
+        service = self.service(app)
+        self._start_once(service)
+        return service
+
+    def stop(self, app: Flask | None = None) -> None:
+        self.service(app).stop()
+
+
+def _command_group() -> click.Group:
+    group = AppGroup("fswatch-sync", help="Reconcile app rows and tasks with the directory tree.")
+    for name in ("sweep", "status", "journal", "restore", "init-db"):
+        group.add_command(_passthrough(name))
+    return group
+
+
+def _passthrough(name: str) -> click.Command:
+    @click.command(
+        name,
+        context_settings={"ignore_unknown_options": True, "help_option_names": []},
+        add_help_option=False,
+        help=f"Same as 'fswatch-sync {name}', with the app's configuration.",
+    )
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    @with_appcontext
+    def command(args: tuple[str, ...]) -> None:
+        code = cli.main([name, *args], base_flags=config_flags(current_app))
+        sys.stdout.flush()
+        if code:
+            raise SystemExit(code)
+
+    return command
