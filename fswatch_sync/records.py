@@ -92,7 +92,11 @@ class Lease:
             )
 
     def check_and_extend(self, connection: Connection, now: datetime | None = None) -> None:
-        """Inside a transaction about to commit: prove the lease is still ours, and extend it."""
+        """Inside a transaction about to commit: prove the lease is still ours, and extend it.
+
+        Still ours means nobody took it over: every takeover writes its own holder, so a lease
+        that ran out unnoticed but was not taken can safely be extended.
+        """
         moment = now or db.utcnow()
         table = leases_table
         extended = connection.execute(
@@ -100,12 +104,20 @@ class Lease:
             .where(
                 table.c.name == self.name,
                 table.c.holder == self.holder,
-                table.c.expires_at > db.to_db_time(moment),
             )
             .values(expires_at=db.to_db_time(moment + self.duration))
         ).rowcount
         if not extended:
             raise LeaseLost(f"lease {self.name!r} is no longer held by {self.holder}")
+
+    def renew(self, now: datetime | None = None) -> None:
+        """Extend the lease in a transaction of its own; LeaseLost when it was taken over."""
+
+        def attempt() -> None:
+            with self.engine.begin() as connection:
+                self.check_and_extend(connection, now)
+
+        db.retrying(min(self.duration.total_seconds() / 2, 10.0))(attempt)()
 
     def release(self) -> None:
         table = leases_table

@@ -256,6 +256,8 @@ class Sweeper:
         if refusal is not None:
             log.warning("sweep refused: %s", refusal)
             raise SweepRefused(refusal)
+        # Scanning wrote nothing, so no commit renewed the lease meanwhile.
+        self.lease.renew()
 
         removal = RemovalOutcome()
         if candidates:
@@ -279,8 +281,10 @@ class Sweeper:
         report.orphan_tasks = len(removal.cancelled)
 
         statuses = store.config.statuses
+        active = store.active_tasks()
+        self.lease.renew()
         plan = classify_tasks(
-            store.active_tasks(),
+            active,
             removed=set(removal.removed) if dry_run else set(),
             now=now,
             running_timeout=timedelta(minutes=settings.running_timeout_minutes),
