@@ -150,8 +150,12 @@ def _settings_from(
     return load_settings(flags, config_path=args.config or config_path)
 
 
+_opened: list[Any] = []  # engines a command opened; main() closes their pools when it ends
+
+
 def open_store(settings: Settings) -> Store:
     engine = db.create_engine(settings.database_url)
+    _opened.append(engine)
     return Store(engine, settings.schema, batch_size=settings.batch_size)
 
 
@@ -328,6 +332,9 @@ def main(
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
+    finally:
+        while _opened:
+            _opened.pop().dispose()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -24,7 +24,8 @@ from tenacity import (
     retry,
     retry_if_exception,
     stop_after_delay,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,10 @@ def retrying(max_seconds: float = 60.0) -> Callable[[Callable[..., T]], Callable
     """Retry a whole transaction on transient errors, with exponential backoff and jitter."""
     return retry(
         retry=retry_if_exception(is_transient),
-        wait=wait_exponential_jitter(initial=0.05, max=2.0),
+        # 50 ms doubling up to 2 s, plus up to 50 ms of jitter so that contenders spread out.
+        # (Not wait_exponential_jitter: its 'initial' is deprecated in tenacity 9 and
+        # 'multiplier' is missing in 8.x; these two exist in every version we accept.)
+        wait=wait_exponential(multiplier=0.05, max=2.0) + wait_random(0, 0.05),
         stop=stop_after_delay(max_seconds),
         before_sleep=_log_retry,
         reraise=True,

@@ -446,8 +446,11 @@ class Store:
         finished = sa.func.coalesce(
             host.task_col("completed_at"), host.task_col("started_at"), host.task_col("created_at")
         )
+        # Never NULL (a terminal task with no timestamp is simply not old), so that its negation
+        # in the sub-task walk of count_old_tasks keeps such a task's ancestors, as the purge does.
         return sa.and_(
             host.task_col("status").in_(self.config.statuses.terminal),
+            finished.is_not(None),
             finished < db.to_db_time(cutoff),
         )
 
