@@ -135,15 +135,18 @@ def classify_tasks(
     pending_timeout: timedelta,
     running: str,
     pending: str,
+    orphan_pass: bool = True,
 ) -> TaskPlan:
     """Sort active tasks into orphans (no app row) and stuck ones; a task is in one list only.
 
     A running task is aged by ``started_at`` (``created_at`` when that is NULL); a pending one by
-    ``created_at``; a task with no timestamp to age it by is never judged stuck.
+    ``created_at``; a task with no timestamp to age it by is never judged stuck. The tasks of
+    ``removed`` apps are orphans whatever the switches (the removal cancels them); with the
+    orphan-tasks pass switched off, a task without an app row is judged by the stuck rules.
     """
     orphans, stuck_running, stuck_pending = [], [], []
     for task in tasks:
-        if not task.has_app or task.key in removed:
+        if task.key in removed or (orphan_pass and not task.has_app):
             orphans.append(task.pk)
         elif task.status == running:
             start = _age_start(task)
@@ -291,6 +294,7 @@ class Sweeper:
             pending_timeout=timedelta(minutes=settings.pending_timeout_minutes),
             running=statuses.running,
             pending=statuses.pending,
+            orphan_pass=settings.cleanup_orphan_tasks,
         )
         if dry_run:
             # Tasks the removal would cancel are already counted above.
@@ -304,7 +308,7 @@ class Sweeper:
             report.orphan_tasks += self._change(
                 store, plan.orphans, "orphan tasks", dry_run,
                 still=_orphan_condition(store), new_status=statuses.cancelled,
-                message="cancelled: its target app has no row any more",
+                message="cancelled: target app is gone (it has no row any more)",
                 reason="orphan", now=now,
             )
         if settings.cleanup_stuck_tasks:
