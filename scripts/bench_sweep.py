@@ -1,0 +1,662 @@
+"""Issue 2's figure: one full sweep by fswatch_sync, by the seed's algorithm, and by a floor.
+
+The three contestants run on identical data, generated once per scale from a fixed seed:
+
+* **fswatch_sync** — ``Sweeper.run`` through the public API with default settings (the
+  journal, the lease, compare-and-set, one transaction per bounded batch, all included).
+* **seed** — the system this replaces: the SQLAlchemy ORM loads every app row and
+  ``os.path.exists`` checks each path; one query per active task looks for its app; rows are
+  deleted and updated one by one through the ORM; the four passes in the seed's order, each
+  committed once.
+* **floor** — what the work costs at least: one ``os.scandir`` per model directory, then plain
+  set-based SQL on the stdlib ``sqlite3`` driver (a temp table of orphan keys and one
+  ``DELETE ... IN``, one ``UPDATE ... NOT EXISTS``, one ``UPDATE`` per stuck kind, one
+  ``DELETE`` of old tasks), one transaction per pass, no journal, no lease, no re-checks.
+
+The database file is built once and copied for every run; the directory tree (empty app
+directories, 90 % of the apps) is built once and only read. Every run's final host rows (app
+keys left, every task's id and status) are compared with the outcome computed from the generated
+data, so the contestants are shown to do exactly the same changes. Timed: the sweep itself,
+with the engine or connection already open and the tables already mapped or reflected, as in a
+long-running service; building and copying the data is not timed.
+
+This module is also a library for other entries (the growth curve of issue 6):
+:func:`build_dataset` and :func:`compare` take any :class:`Scale`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from benchkit import Contestant, Options, Result, Target, entry
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from fswatch_sync import db as fsdb
+from fswatch_sync import load_settings
+from fswatch_sync.store import Store
+from fswatch_sync.sweep import Sweeper
+
+# The moment every sweep runs at: the data is generated relative to it.
+NOW = datetime(2026, 6, 1, 12, 0, 0, tzinfo=UTC)
+NAIVE_NOW = NOW.replace(tzinfo=None)
+
+# The default settings every contestant applies (SPEC's defaults).
+RUNNING_TIMEOUT = timedelta(minutes=60)
+PENDING_TIMEOUT = timedelta(minutes=60)
+RETENTION = timedelta(days=30)
+GRACE = timedelta(minutes=10)
+MAX_DELETE_FRACTION = 0.5
+
+ACTIVE = ("pending", "running")
+TERMINAL = ("completed", "failed", "cancelled")
+APPS_TABLE = "generated_applications"
+TASKS_TABLE = "analysis_tasks"
+ORPHAN_MESSAGE = "cancelled: its target app has no row any more"
+
+SLUGS = (
+    "openai_gpt-4",
+    "openai_gpt-4o",
+    "openai_gpt-4o-mini",
+    "openai_o3-mini",
+    "anthropic_claude-3-opus",
+    "anthropic_claude-3.5-sonnet",
+    "anthropic_claude-3.5-haiku",
+    "google_gemini-1.5-pro",
+    "google_gemini-2.0-flash",
+    "meta-llama_llama-3.1-70b",
+    "meta-llama_llama-3.1-405b",
+    "mistralai_mistral-large",
+    "mistralai_codestral",
+    "deepseek_deepseek-chat",
+    "deepseek_deepseek-coder",
+    "qwen_qwen-2.5-72b",
+    "qwen_qwen-2.5-coder-32b",
+    "x-ai_grok-2",
+    "cohere_command-r-plus",
+    "microsoft_phi-4",
+)
+
+# The task mix (fractions of all tasks); what is left is terminal and within the retention.
+OLD_TERMINAL = 0.10  # terminal, finished before the retention: purged
+STUCK = 0.005  # running or pending for hours: failed / cancelled
+ACTIVE_RECENT = 0.075  # pending or running, within the timeouts: kept (unless orphaned)
+UNKNOWN_TARGET = 0.002  # tasks whose target app never had a row (left over from the seed)
+YOUNG_APPS = 0.002  # app rows younger than the grace (all of them with a directory)
+
+
+@dataclass(frozen=True)
+class Scale:
+    apps: int
+    tasks: int
+    missing_fraction: float = 0.10
+    slugs: int = 20
+    seed: int = 20260601
+
+    @property
+    def label(self) -> str:
+        return f"{self.apps}apps-{self.tasks}tasks-{self.seed}"
+
+
+FULL = Scale(apps=50_000, tasks=500_000)
+QUICK = Scale(apps=2_000, tasks=20_000)
+
+COUNT_KEYS = ("orphan_apps", "orphan_tasks", "stuck_tasks", "old_tasks")
+
+
+@dataclass
+class Dataset:
+    scale: Scale
+    root: Path
+    database: Path
+    expected_counts: dict[str, int]
+    expected_digest: str
+    expected_summary: dict[str, int]
+    sizes: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Run:
+    seconds: float
+    counts: dict[str, int]
+
+
+def _stamp(moment: datetime | None) -> str | None:
+    """A naive UTC timestamp as SQLAlchemy's SQLite DateTime stores it."""
+    return None if moment is None else f"{moment:%Y-%m-%d %H:%M:%S.%f}"
+
+
+def _ago(rng: random.Random, low: timedelta, high: timedelta) -> datetime:
+    span = (high - low).total_seconds()
+    return NAIVE_NOW - low - timedelta(seconds=rng.uniform(0.0, span))
+
+
+def _terminal_status(rng: random.Random) -> str:
+    roll = rng.random()
+    return "completed" if roll < 0.8 else ("failed" if roll < 0.95 else "cancelled")
+
+
+def _error_for(status: str, rng: random.Random) -> str | None:
+    if status == "failed":
+        return f"analysis failed: tool exited with status {rng.choice((1, 2, 137))}"
+    if status == "cancelled":
+        return "cancelled by user"
+    return None
+
+
+TaskRow = tuple[str, str, int, str, datetime | None, datetime | None, datetime | None, str | None]
+
+
+def _task(rng: random.Random, target: tuple[str, int]) -> TaskRow:
+    """One task: (task_id, model, app_number, status, created, started, completed, error)."""
+    task_id = f"{rng.getrandbits(128):032x}"
+    roll = rng.random()
+    created: datetime | None
+    started: datetime | None
+    completed: datetime | None = None
+    if roll < OLD_TERMINAL + (1 - OLD_TERMINAL - STUCK - ACTIVE_RECENT):
+        old = roll < OLD_TERMINAL
+        status = _terminal_status(rng)
+        completed = (
+            _ago(rng, RETENTION + timedelta(days=1), timedelta(days=180))
+            if old
+            else _ago(rng, timedelta(0), RETENTION - timedelta(hours=12))
+        )
+        started = completed - timedelta(seconds=rng.uniform(5, 1200))
+        created = started - timedelta(seconds=rng.uniform(0, 600))
+        if status == "cancelled" and rng.random() < 0.5:
+            started = None  # cancelled while pending
+        return task_id, *target, status, created, started, completed, _error_for(status, rng)
+    stuck = roll < 1 - ACTIVE_RECENT
+    status = "running" if rng.random() < 0.4 else "pending"
+    age = (
+        _ago(rng, timedelta(hours=2), timedelta(hours=72))
+        if stuck
+        else _ago(rng, timedelta(0), timedelta(minutes=50))
+    )
+    if status == "running":
+        started = age
+        created = started - timedelta(seconds=rng.uniform(0, 600))
+    else:
+        created, started = age, None
+    return task_id, *target, status, created, started, None, None
+
+
+def _expected(
+    apps: dict[tuple[str, int], datetime],
+    present: set[tuple[str, int]],
+    tasks: list[TaskRow],
+) -> tuple[dict[str, int], str, dict[str, int]]:
+    """The outcome of one correct sweep, computed from the generated rows alone."""
+    young_after = NAIVE_NOW - GRACE
+    kept = {key for key, created in apps.items() if key in present or created > young_after}
+    removed = set(apps) - kept
+    counts = dict.fromkeys(COUNT_KEYS, 0)
+    counts["orphan_apps"] = len(removed)
+    statuses: list[tuple[int, str]] = []
+    for pk, (_tid, model, number, status, created, started, completed, _err) in enumerate(
+        tasks, start=1
+    ):
+        new = status
+        if status in ACTIVE and (model, number) not in kept:
+            new, counts["orphan_tasks"] = "cancelled", counts["orphan_tasks"] + 1
+        elif (
+            status == "running" and (started or created or NAIVE_NOW) < NAIVE_NOW - RUNNING_TIMEOUT
+        ):
+            new, counts["stuck_tasks"] = "failed", counts["stuck_tasks"] + 1
+        elif status == "pending" and (created or NAIVE_NOW) < NAIVE_NOW - PENDING_TIMEOUT:
+            new, counts["stuck_tasks"] = "cancelled", counts["stuck_tasks"] + 1
+        elif status in TERMINAL and (completed or started or created or NAIVE_NOW) < (
+            NAIVE_NOW - RETENTION
+        ):
+            counts["old_tasks"] += 1
+            continue
+        statuses.append((pk, new))
+    digest = _digest(sorted(kept), statuses)
+    summary = _summary(len(kept), (status for _pk, status in statuses), 0)
+    return counts, digest, summary
+
+
+def _digest(app_keys: Iterable[tuple[str, int]], statuses: Iterable[tuple[int, str]]) -> str:
+    hasher = hashlib.sha256()
+    for slug, number in app_keys:
+        hasher.update(f"a|{slug}|{number}\n".encode())
+    for pk, status in statuses:
+        hasher.update(f"t|{pk}|{status}\n".encode())
+    return hasher.hexdigest()
+
+
+def _summary(
+    apps: int, statuses: Iterable[str], terminal_without_completed_at: int
+) -> dict[str, int]:
+    by_status = Counter(statuses)
+    return {
+        "apps": apps,
+        "tasks": sum(by_status.values()),
+        **{f"tasks_{status}": by_status.get(status, 0) for status in (*ACTIVE, *TERMINAL)},
+        "terminal_without_completed_at": terminal_without_completed_at,
+    }
+
+
+def outcome(database: Path) -> tuple[str, dict[str, int]]:
+    """Digest and summary of the host rows a run left behind."""
+    connection = sqlite3.connect(database)
+    try:
+        keys = connection.execute(
+            f"SELECT model_slug, app_number FROM {APPS_TABLE} ORDER BY model_slug, app_number"
+        ).fetchall()
+        statuses = connection.execute(
+            f"SELECT id, status FROM {TASKS_TABLE} ORDER BY id"
+        ).fetchall()
+        marks = ",".join("?" * len(TERMINAL))
+        unstamped = connection.execute(
+            f"SELECT count(*) FROM {TASKS_TABLE}"
+            f" WHERE status IN ({marks}) AND completed_at IS NULL",
+            TERMINAL,
+        ).fetchone()[0]
+    finally:
+        connection.close()
+    return _digest(keys, statuses), _summary(len(keys), (s for _pk, s in statuses), unstamped)
+
+
+def build_dataset(scale: Scale, workdir: Path, log: Callable[[str], None]) -> Dataset:
+    """Generate the rows and the tree once: a database file to copy and a tree to read."""
+    started = time.perf_counter()
+    rng = random.Random(scale.seed)
+    slugs = list(SLUGS[: scale.slugs]) + [
+        f"vendor_model-{i}" for i in range(len(SLUGS), scale.slugs)
+    ]
+    weights = [rng.uniform(0.5, 1.5) for _ in slugs]
+    per_slug = Counter(rng.choices(range(len(slugs)), weights=weights, k=scale.apps))
+    keys = [(slugs[i], n) for i in sorted(per_slug) for n in range(1, per_slug[i] + 1)]
+    missing = {
+        keys[i] for i in rng.sample(range(len(keys)), round(len(keys) * scale.missing_fraction))
+    }
+    apps: dict[tuple[str, int], datetime] = {}
+    for key in keys:
+        if key not in missing and rng.random() < YOUNG_APPS:
+            apps[key] = _ago(rng, timedelta(0), GRACE - timedelta(minutes=2))
+        else:
+            apps[key] = _ago(rng, timedelta(hours=1), timedelta(days=180))
+    present = set(keys) - missing
+
+    tasks: list[TaskRow] = []
+    for _ in range(scale.tasks):
+        if rng.random() < UNKNOWN_TARGET:
+            target = (rng.choice(slugs), 1_000_000 + rng.randrange(1000))
+        else:
+            target = keys[rng.randrange(len(keys))]
+        tasks.append(_task(rng, target))
+    # Rows are inserted in creation order, as a live table grows.
+    tasks.sort(key=lambda t: t[4] or NAIVE_NOW)
+    app_order = sorted(apps, key=apps.__getitem__)
+
+    directory = workdir / scale.label
+    if directory.exists():
+        shutil.rmtree(directory)
+    root = directory / "apps"
+    for slug, number in present:
+        os.makedirs(root / slug / f"app{number}")
+    database = directory / "base.db"
+    engine = fsdb.create_engine(f"sqlite:///{database}")
+    try:
+        Store(engine).init_db()
+    finally:
+        engine.dispose()
+    connection = sqlite3.connect(database)
+    try:
+        with connection:
+            connection.executemany(
+                f"INSERT INTO {APPS_TABLE} (id, model_slug, app_number, created_at)"
+                " VALUES (?, ?, ?, ?)",
+                ((pk, *key, _stamp(apps[key])) for pk, key in enumerate(app_order, start=1)),
+            )
+            connection.executemany(
+                f"INSERT INTO {TASKS_TABLE} (id, task_id, target_model, target_app_number, status,"
+                " created_at, started_at, completed_at, error_message)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    (pk, tid, model, number, status, _stamp(c), _stamp(s), _stamp(d), err)
+                    for pk, (tid, model, number, status, c, s, d, err) in enumerate(tasks, start=1)
+                ),
+            )
+        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        connection.close()
+    for suffix in ("-wal", "-shm"):
+        Path(f"{database}{suffix}").unlink(missing_ok=True)
+
+    counts, digest, summary = _expected(apps, present, tasks)
+    by_status = Counter(t[3] for t in tasks)
+    sizes = {
+        "apps": len(apps),
+        "apps_without_dir": len(missing),
+        "model_slugs": len(slugs),
+        "tasks": len(tasks),
+        "tasks_active": by_status["pending"] + by_status["running"],
+        **{f"expect_{key}": value for key, value in counts.items()},
+        "database_mib": round(database.stat().st_size / 2**20),
+    }
+    log(
+        f"built {len(apps):,} apps ({len(missing):,} without directory), {len(tasks):,} tasks"
+        f" in {time.perf_counter() - started:.1f} s"
+    )
+    return Dataset(scale, root, database, counts, digest, summary, sizes)
+
+
+# -- contestant: fswatch_sync -------------------------------------------------------------------
+
+
+def run_fswatch_sync(database: Path, root: Path, batch_size: int | None = None) -> Run:
+    flags: dict[str, Any] = {"root": str(root), "database_url": f"sqlite:///{database}"}
+    if batch_size is not None:
+        flags["batch_size"] = batch_size
+    settings = load_settings(flags, environ={})
+    engine = fsdb.create_engine(settings.database_url)
+    try:
+        store = Store(engine, settings.schema, batch_size=settings.batch_size)
+        store.host  # noqa: B018 - reflect once, as a running service already has
+        sweeper = Sweeper(store, settings, instance_id="bench")
+        start = time.perf_counter()
+        report = sweeper.run(now=NOW, trigger="bench")
+        seconds = time.perf_counter() - start
+    finally:
+        engine.dispose()
+    return Run(seconds, {key: int(getattr(report, key)) for key in COUNT_KEYS})
+
+
+# -- contestant: the seed's algorithm ------------------------------------------------------------
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class SeedApp(_Base):
+    __tablename__ = APPS_TABLE
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_slug: Mapped[str] = mapped_column(sa.String(200))
+    app_number: Mapped[int]
+    created_at: Mapped[datetime | None]
+
+
+class SeedTask(_Base):
+    __tablename__ = TASKS_TABLE
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    task_id: Mapped[str] = mapped_column(sa.String(100))
+    target_model: Mapped[str] = mapped_column(sa.String(200))
+    target_app_number: Mapped[int]
+    status: Mapped[str] = mapped_column(sa.String(20))
+    created_at: Mapped[datetime | None]
+    started_at: Mapped[datetime | None]
+    completed_at: Mapped[datetime | None]
+    error_message: Mapped[str | None] = mapped_column(sa.Text)
+
+
+def seed_sweep(session: Session, root: Path, now: datetime) -> dict[str, int]:
+    """The seed's hourly maintenance pass, as it was: the ORM, row by row, four passes."""
+    counts = dict.fromkeys(COUNT_KEYS, 0)
+
+    # 1. Orphan apps: every row loaded, every path checked. (The seed had no new-app grace; the
+    # data holds no young row without a directory, so that makes no difference here.)
+    for app in session.query(SeedApp).all():
+        path = os.path.join(root, app.model_slug, f"app{app.app_number}")
+        if not os.path.exists(path):
+            session.delete(app)
+            counts["orphan_apps"] += 1
+    session.commit()
+
+    # 2. Orphan tasks: one query per active task to find its app.
+    for task in session.query(SeedTask).filter(SeedTask.status.in_(ACTIVE)).all():
+        found = (
+            session.query(SeedApp)
+            .filter_by(model_slug=task.target_model, app_number=task.target_app_number)
+            .first()
+        )
+        if found is None:
+            task.status = "cancelled"
+            task.completed_at = now
+            task.error_message = ORPHAN_MESSAGE
+            counts["orphan_tasks"] += 1
+    session.commit()
+
+    # 3. Stuck tasks.
+    running_cutoff, pending_cutoff = now - RUNNING_TIMEOUT, now - PENDING_TIMEOUT
+    stuck_running = session.query(SeedTask).filter(
+        SeedTask.status == "running",
+        sa.func.coalesce(SeedTask.started_at, SeedTask.created_at) < running_cutoff,
+    )
+    for task in stuck_running.all():
+        task.status = "failed"
+        task.completed_at = now
+        task.error_message = "failed: still running after 60 minutes"
+        counts["stuck_tasks"] += 1
+    stuck_pending = session.query(SeedTask).filter(
+        SeedTask.status == "pending", SeedTask.created_at < pending_cutoff
+    )
+    for task in stuck_pending.all():
+        task.status = "cancelled"
+        task.completed_at = now
+        task.error_message = "cancelled: still pending after 60 minutes"
+        counts["stuck_tasks"] += 1
+    session.commit()
+
+    # 4. Old tasks: every one loaded and deleted through the session.
+    old = session.query(SeedTask).filter(
+        SeedTask.status.in_(TERMINAL),
+        sa.func.coalesce(SeedTask.completed_at, SeedTask.started_at, SeedTask.created_at)
+        < now - RETENTION,
+    )
+    for task in old.all():
+        session.delete(task)
+        counts["old_tasks"] += 1
+    session.commit()
+    return counts
+
+
+def run_seed(database: Path, root: Path) -> Run:
+    engine = sa.create_engine(f"sqlite:///{database}")
+    try:
+        with Session(engine) as session:
+            session.connection()  # open the connection before the clock starts
+            start = time.perf_counter()
+            counts = seed_sweep(session, root, NAIVE_NOW)
+            seconds = time.perf_counter() - start
+    finally:
+        engine.dispose()
+    return Run(seconds, counts)
+
+
+# -- contestant: the floor ------------------------------------------------------------------------
+
+
+def floor_sweep(connection: sqlite3.Connection, root: Path, now: datetime) -> dict[str, int]:
+    """One directory scan, then one set-based statement per change. No journal, no checks."""
+    counts = dict.fromkeys(COUNT_KEYS, 0)
+    present: set[tuple[str, int]] = set()
+    with os.scandir(root) as models:
+        for model in models:
+            if not model.is_dir(follow_symlinks=False):
+                continue
+            with os.scandir(model.path) as entries:
+                for item in entries:
+                    name = item.name
+                    if (
+                        name.startswith("app")
+                        and name[3:].isdigit()
+                        and item.is_dir(follow_symlinks=False)
+                    ):
+                        present.add((model.name, int(name[3:])))
+    young_after = _stamp(now - GRACE)
+    rows = connection.execute(
+        f"SELECT model_slug, app_number, created_at FROM {APPS_TABLE}"
+    ).fetchall()
+    orphans = [
+        (slug, number)
+        for slug, number, created in rows
+        if (slug, number) not in present and (created is None or created <= young_after)
+    ]
+    if len(orphans) > MAX_DELETE_FRACTION * len(rows):
+        raise RuntimeError("the floor's guard refused")
+    stamp = _stamp(now)
+    active = ",".join("?" * len(ACTIVE))
+    terminal = ",".join("?" * len(TERMINAL))
+
+    connection.execute("BEGIN IMMEDIATE")
+    connection.execute(
+        "CREATE TEMP TABLE orphans (model_slug TEXT, app_number INTEGER,"
+        " PRIMARY KEY (model_slug, app_number))"
+    )
+    connection.executemany("INSERT INTO temp.orphans VALUES (?, ?)", orphans)
+    counts["orphan_apps"] = connection.execute(
+        f"DELETE FROM {APPS_TABLE} WHERE (model_slug, app_number) IN"
+        " (SELECT model_slug, app_number FROM temp.orphans)"
+    ).rowcount
+    connection.execute("DROP TABLE temp.orphans")
+    connection.execute("COMMIT")
+
+    connection.execute("BEGIN IMMEDIATE")
+    counts["orphan_tasks"] = connection.execute(
+        f"UPDATE {TASKS_TABLE} SET status = 'cancelled', completed_at = ?, error_message = ?"
+        f" WHERE status IN ({active}) AND NOT EXISTS (SELECT 1 FROM {APPS_TABLE} a"
+        f" WHERE a.model_slug = {TASKS_TABLE}.target_model"
+        f" AND a.app_number = {TASKS_TABLE}.target_app_number)",
+        (stamp, ORPHAN_MESSAGE, *ACTIVE),
+    ).rowcount
+    connection.execute("COMMIT")
+
+    connection.execute("BEGIN IMMEDIATE")
+    counts["stuck_tasks"] = connection.execute(
+        f"UPDATE {TASKS_TABLE} SET status = 'failed', completed_at = ?, error_message = ?"
+        " WHERE status = 'running' AND coalesce(started_at, created_at) < ?",
+        (stamp, "failed: still running after 60 minutes", _stamp(now - RUNNING_TIMEOUT)),
+    ).rowcount
+    counts["stuck_tasks"] += connection.execute(
+        f"UPDATE {TASKS_TABLE} SET status = 'cancelled', completed_at = ?, error_message = ?"
+        " WHERE status = 'pending' AND created_at < ?",
+        (stamp, "cancelled: still pending after 60 minutes", _stamp(now - PENDING_TIMEOUT)),
+    ).rowcount
+    connection.execute("COMMIT")
+
+    connection.execute("BEGIN IMMEDIATE")
+    counts["old_tasks"] = connection.execute(
+        f"DELETE FROM {TASKS_TABLE} WHERE status IN ({terminal})"
+        " AND coalesce(completed_at, started_at, created_at) < ?",
+        (*TERMINAL, _stamp(now - RETENTION)),
+    ).rowcount
+    connection.execute("COMMIT")
+    return counts
+
+
+def run_floor(database: Path, root: Path) -> Run:
+    connection = sqlite3.connect(database, isolation_level=None)
+    try:
+        start = time.perf_counter()
+        counts = floor_sweep(connection, root, NAIVE_NOW)
+        seconds = time.perf_counter() - start
+    finally:
+        connection.close()
+    return Run(seconds, counts)
+
+
+# -- the comparison -------------------------------------------------------------------------------
+
+CONTESTANTS: dict[str, tuple[str, Callable[[Path, Path], Run]]] = {
+    "fswatch_sync": ("Sweeper.run, default settings, journal and lease included", run_fswatch_sync),
+    "floor": ("one scandir per model dir + set-based SQL (sqlite3), no journal", run_floor),
+    "seed": (
+        "the seed's algorithm: ORM, os.path.exists per row, a query per active task",
+        run_seed,
+    ),
+}
+
+
+def _fresh_copy(base: Path, target: Path) -> None:
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        Path(f"{target}{suffix}").unlink(missing_ok=True)
+    shutil.copyfile(base, target)
+
+
+def compare(
+    scale: Scale,
+    *,
+    runs: int,
+    workdir: Path,
+    log: Callable[[str], None],
+    name: str = "sweep",
+    title: str = "",
+    judged: bool = True,
+    contestants: Iterable[str] = tuple(CONTESTANTS),
+) -> Result:
+    """Run every contestant ``runs`` times on copies of one dataset, interleaved, and verify."""
+    dataset = build_dataset(scale, workdir, log)
+    chosen = list(contestants)
+    result = Result(
+        entry=name,
+        title=title,
+        sizes={**dataset.sizes, "runs_each": runs},
+        contestants=[Contestant(c, description=CONTESTANTS[c][0]) for c in chosen],
+    )
+    counts_seen: dict[str, dict[str, int]] = {}
+    copy = dataset.database.with_name("run.db")
+    for round_number in range(runs):
+        # Rotate the order each round so no contestant always runs on a warmer machine.
+        shift = round_number % len(chosen)
+        for contestant in chosen[shift:] + chosen[:shift]:
+            _fresh_copy(dataset.database, copy)
+            run = CONTESTANTS[contestant][1](copy, dataset.root)
+            digest, summary = outcome(copy)
+            result.contestant(contestant).samples.append(run.seconds)
+            log(f"round {round_number + 1}/{runs} {contestant}: {run.seconds:.3f} s {run.counts}")
+            if run.counts != dataset.expected_counts:
+                result.ok = False
+                result.notes.append(
+                    f"{contestant} round {round_number + 1} counted {run.counts},"
+                    f" expected {dataset.expected_counts}"
+                )
+            if digest != dataset.expected_digest:
+                result.ok = False
+                result.notes.append(
+                    f"{contestant} round {round_number + 1} left different host rows:"
+                    f" {summary} (expected {dataset.expected_summary})"
+                )
+            counts_seen[contestant] = run.counts
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{copy}{suffix}").unlink(missing_ok=True)
+    if "seed" in chosen and "fswatch_sync" in chosen:
+        result.add_ratio("seed", "fswatch_sync", Target(">=", 20), judged=judged)
+    if "fswatch_sync" in chosen and "floor" in chosen:
+        result.add_ratio("fswatch_sync", "floor", Target("<=", 1.5), judged=judged)
+    result.details = {
+        "scale": scale.__dict__,
+        "counts": counts_seen,
+        "expected_counts": dataset.expected_counts,
+        "expected_final_rows": dataset.expected_summary,
+        "timed": "the sweep only; engine/connection open and tables mapped beforehand",
+    }
+    return result
+
+
+@entry("sweep", "one full sweep on SQLite: fswatch_sync vs the seed's algorithm vs a floor")
+def sweep(options: Options) -> Result:
+    return compare(
+        QUICK if options.quick else FULL,
+        runs=options.runs,
+        workdir=options.workdir,
+        log=options.log,
+        title="one full sweep on a SQLite file: fswatch_sync vs the seed's algorithm vs a floor",
+        judged=not options.quick,
+    )
