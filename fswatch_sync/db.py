@@ -42,8 +42,14 @@ _PG_TRANSIENT = {"40001", "40P01", "55P03", "57P01", "57P02", "57P03"}
 _MYSQL_TRANSIENT = {1205, 1213, 2002, 2003, 2006, 2013, 2055, 1927, 1317, 4031}
 
 
-def create_engine(url: str, **kwargs: Any) -> Engine:
-    """An Engine set up for this tool's transactions on any supported backend."""
+def create_engine(
+    url: str, *, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS, **kwargs: Any
+) -> Engine:
+    """An Engine set up for this tool's transactions on any supported backend.
+
+    ``busy_timeout_ms``: how long one SQLite statement waits for another writer's lock before
+    failing with "database is locked" (which the store then retries with backoff).
+    """
     parsed = sa.make_url(url)
     backend = parsed.get_backend_name()
     options: dict[str, Any] = {"pool_pre_ping": True}
@@ -52,20 +58,20 @@ def create_engine(url: str, **kwargs: Any) -> Engine:
         # sweep and a task runner; rows the tool changes are locked explicitly.
         options["isolation_level"] = "READ COMMITTED"
     if backend == "sqlite":
-        options["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
+        options["connect_args"] = {"timeout": busy_timeout_ms / 1000}
     options.update(kwargs)
     engine = sa.create_engine(url, **options)
     if backend == "sqlite":
-        _make_sqlite_transactional(engine)
+        _make_sqlite_transactional(engine, busy_timeout_ms)
     return engine
 
 
-def _make_sqlite_transactional(engine: Engine) -> None:
+def _make_sqlite_transactional(engine: Engine, busy_timeout_ms: int) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
         # Foreign keys are enforced so that a host's constraints mean the same as on servers.
         cursor.execute("PRAGMA foreign_keys = ON")
         cursor.close()
