@@ -26,6 +26,8 @@ from fswatch_sync.schema import instances_table, leases_table, sweeps_table
 log = logging.getLogger(__name__)
 
 SWEEP_LEASE = "sweep"
+# A released lease expires "long ago", so it is free whatever the clock of the next taker says.
+_RELEASED = datetime(1970, 1, 2)
 
 
 def new_instance_id() -> str:
@@ -57,6 +59,9 @@ class Lease:
     def _try_acquire(self, now: datetime) -> bool:
         stamp, expires = db.to_db_time(now), db.to_db_time(now + self.duration)
         table = leases_table
+        # A renewal keeps acquired_at; a take-over (or taking back an expired lease) sets it.
+        # acquired_at is assigned first: MySQL evaluates SET clauses left to right.
+        renewal = sa.and_(table.c.holder == self.holder, table.c.expires_at > stamp)
         with self.engine.begin() as connection:
             taken = connection.execute(
                 sa.update(table)
@@ -64,7 +69,11 @@ class Lease:
                     table.c.name == self.name,
                     sa.or_(table.c.holder == self.holder, table.c.expires_at <= stamp),
                 )
-                .values(holder=self.holder, acquired_at=stamp, expires_at=expires)
+                .ordered_values(
+                    (table.c.acquired_at, sa.case((renewal, table.c.acquired_at), else_=stamp)),
+                    (table.c.holder, self.holder),
+                    (table.c.expires_at, expires),
+                )
             ).rowcount
             if taken:
                 return True
@@ -120,15 +129,16 @@ class Lease:
         db.retrying(min(self.duration.total_seconds() / 2, 10.0))(attempt)()
 
     def release(self) -> None:
+        """Give the lease up now (if still ours), for any other instance whatever its clock."""
         table = leases_table
         with self.engine.begin() as connection:
             connection.execute(
                 sa.update(table)
                 .where(table.c.name == self.name, table.c.holder == self.holder)
-                .values(expires_at=db.to_db_time(db.utcnow() - timedelta(seconds=1)))
+                .values(expires_at=_RELEASED)
             )
 
-    def current_holder(self) -> str | None:
+    def current_holder(self, now: datetime | None = None) -> str | None:
         table = leases_table
         with db.read_only(self.engine).connect() as connection:
             row = connection.execute(
@@ -137,7 +147,7 @@ class Lease:
         if row is None:
             return None
         expires = db.from_db_time(row.expires_at)
-        if expires is None or expires <= db.utcnow():
+        if expires is None or expires <= (now or db.utcnow()):
             return None
         return str(row.holder)
 
