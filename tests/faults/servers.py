@@ -1,0 +1,113 @@
+"""Throw-away databases for fault scenarios: a SQLite file, or a database of its own on the local
+PostgreSQL or MariaDB server (so that terminating "every other backend of this database" can
+only ever hit the scenario's own connections).
+
+Server URLs come from the same variables as tests/conftest.py and must point at loopback.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from sqlalchemy.pool import NullPool
+
+from faults.harness import Unavailable
+
+T = TypeVar("T")
+
+ADMIN_URLS = {
+    "postgres": os.environ.get(
+        "FSWATCH_SYNC_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+    ),
+    "mysql": os.environ.get(
+        "FSWATCH_SYNC_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test"
+    ),
+}
+LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
+
+def _admin_url(backend: str) -> sa.URL:
+    url = sa.make_url(ADMIN_URLS[backend])
+    if url.host not in LOOPBACK:
+        raise Unavailable(f"{backend}: refusing a server that is not on loopback ({url.host})")
+    return url
+
+
+@contextmanager
+def scratch_database(backend: str, workdir: Path) -> Iterator[str]:
+    """A fresh empty database of ``backend``; dropped afterwards. Yields its URL."""
+    if backend == "sqlite":
+        yield f"sqlite:///{workdir / 'fault.db'}"
+        return
+    if backend not in ADMIN_URLS:
+        raise ValueError(f"unknown backend {backend!r}")
+    admin_url = _admin_url(backend)
+    name = f"fswatch_fault_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    try:
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f"CREATE DATABASE {name}")
+    except sa.exc.OperationalError as exc:
+        admin.dispose()
+        first = str(exc.orig or exc).strip().splitlines()
+        raise Unavailable(f"{backend} unreachable: {first[0] if first else exc}") from None
+    try:
+        yield admin_url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            if backend == "postgres":
+                connection.exec_driver_sql(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    f" WHERE datname = '{name}' AND pid <> pg_backend_pid()"
+                )
+            connection.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}")
+        admin.dispose()
+
+
+def probe_engine(url: str) -> Engine:
+    """An engine for seeding and observing: no pool, so a killed connection is never reused."""
+    return sa.create_engine(url, poolclass=NullPool)
+
+
+def robust(function: Callable[[], T], *, seconds: float = 20.0) -> T:
+    """Call ``function`` again while the database drops the connection (outage scenarios kill
+    every connection of the database, the observer's included)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return function()
+        except (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.InternalError):
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
+
+
+def versions() -> list[str]:
+    """One line naming each reachable server's version, for the report."""
+    notes = []
+    queries = {"postgres": "SHOW server_version", "mysql": "SELECT VERSION()"}
+    for backend, query in queries.items():
+        try:
+            engine = sa.create_engine(_admin_url(backend), poolclass=NullPool)
+            with engine.connect() as connection:
+                version = connection.exec_driver_sql(query).scalar()
+            engine.dispose()
+        except Exception:
+            continue
+        notes.append(f"{backend} server: {version}")
+    notes.append(f"SQLite: {sa.__name__} {sa.__version__}, sqlite3 {_sqlite_version()}")
+    return notes
+
+
+def _sqlite_version() -> str:
+    import sqlite3
+
+    return sqlite3.sqlite_version
