@@ -136,6 +136,10 @@ def configure_logging(level: str) -> None:
     root.propagate = False
 
 
+# Only these look at the directory tree; the others work from any directory on the defaults.
+_COMMANDS_USING_ROOT = frozenset({"run", "sweep"})
+
+
 def _settings_from(
     args: argparse.Namespace, base_flags: Mapping[str, Any] | None = None
 ) -> Settings:
@@ -147,7 +151,11 @@ def _settings_from(
         for key, value in vars(args).items()
         if key.startswith("setting_") and value is not None
     )
-    return load_settings(flags, config_path=args.config or config_path)
+    return load_settings(
+        flags,
+        config_path=args.config or config_path,
+        require_root=args.command in _COMMANDS_USING_ROOT,
+    )
 
 
 _opened: list[Any] = []  # engines a command opened; main() closes their pools when it ends

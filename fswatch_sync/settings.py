@@ -306,11 +306,16 @@ def load_settings(
     flags: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
     config_path: str | Path | None = None,
+    *,
+    require_root: bool = True,
 ) -> Settings:
     """Resolve every setting from flags, environment, TOML file and defaults.
 
     ``flags`` maps setting names to values given on the command line (``None`` means unset).
-    Raises :class:`SettingsError` naming the first bad setting.
+    Raises :class:`SettingsError` naming the first bad setting. A root that is given (by flag,
+    environment or file) must have an existing parent; the default root is held to that only
+    when ``require_root`` (commands that never look at the tree, such as ``init-db``, pass
+    False so that they work from any directory).
     """
     flags = {key: value for key, value in (flags or {}).items() if value is not None}
     environ = os.environ if environ is None else environ
@@ -346,7 +351,11 @@ def load_settings(
         values[spec.name] = spec.parse(origin, raw)
 
     if "root" not in values:
-        values["root"] = _root("root (default)", str(Settings.root))
+        values["root"] = (
+            _root("root (default)", str(Settings.root))
+            if require_root
+            else Path(Settings.root).expanduser().absolute()
+        )
     if "database_url" not in values:
         values["database_url"] = _database_url("database_url (default)", Settings.database_url)
     values["schema"] = SchemaConfig.from_mapping(schema_table)

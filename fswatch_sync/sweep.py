@@ -195,10 +195,12 @@ class Sweeper:
         trigger: str = "manual",
     ) -> SweepReport:
         """One full pass. Raises SweepRefused (nothing changed) or LeaseUnavailable."""
+        # The lease first: taking it may wait for the previous holder's last transaction, and
+        # the recorded started_at must not precede the moment this sweep held the lease.
+        self.lease.acquire_or_raise()
         moment = now or db.utcnow()
         clock = time.monotonic()
         report = SweepReport(dry_run=dry_run, forced=force, started_at=moment)
-        self.lease.acquire_or_raise()
         try:
             signals.send(signals.sweep_started, self.sender, trigger=trigger, dry_run=dry_run)
             sweep_id = self.sweep_log.started(
@@ -257,6 +259,8 @@ class Sweeper:
             force=force,
         )
         if refusal is not None:
+            if not root_ok:
+                refusal = f"{root}: {refusal}"
             log.warning("sweep refused: %s", refusal)
             raise SweepRefused(refusal)
         # Scanning wrote nothing, so no commit renewed the lease meanwhile.

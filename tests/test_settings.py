@@ -262,11 +262,31 @@ def test_bad_flag_values_name_the_flag(
     assert caught.value.setting == setting
 
 
-def test_default_root_needs_its_parent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_root_needs_its_parent_only_where_required(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)  # no generated/ here
     with pytest.raises(SettingsError) as caught:
         load_settings({}, environ={})
     assert caught.value.setting.startswith("root")
+    # Commands that never read the tree (init-db, status...) work from any directory...
+    settings = load_settings({}, environ={}, require_root=False)
+    assert settings.root == tmp_path / "generated" / "apps"
+    # ...but a root that is given must still make sense.
+    with pytest.raises(SettingsError) as caught:
+        load_settings({"root": str(tmp_path / "nope" / "apps")}, environ={}, require_root=False)
+    assert caught.value.setting == "--root"
+
+
+def test_commands_that_ignore_the_tree_run_anywhere(tmp_path: Path) -> None:
+    env = {f"{ENV}DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite'}"}
+    assert not (tmp_path / "generated").exists()
+    for args in (["init-db"], ["status", "--json"], ["journal", "--json"]):
+        result = _run_cli(args, tmp_path, env)
+        assert result.returncode == 0, (args, result.stderr)
+    sweep = _run_cli(["sweep"], tmp_path, env)
+    assert sweep.returncode == 2
+    assert "root" in sweep.stderr
 
 
 def test_describe_hides_secrets(workdir: Path) -> None:
