@@ -8,14 +8,16 @@ runner has moved on since the tool changed it).
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date, datetime, time
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import Table
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError
 
 from fswatch_sync import db
 from fswatch_sync.errors import RestoreConflict
@@ -94,6 +96,10 @@ def _decode(table: Table, image: dict[str, Any]) -> dict[str, Any]:
             values[name] = datetime.fromisoformat(value)
         elif isinstance(value, str) and isinstance(column_type, sa.Date):
             values[name] = date.fromisoformat(value)
+        elif isinstance(value, str) and isinstance(column_type, sa.Time):
+            values[name] = time.fromisoformat(value)
+        elif isinstance(value, str) and isinstance(column_type, sa.Uuid) and column_type.as_uuid:
+            values[name] = uuid.UUID(value)
         elif isinstance(value, str) and isinstance(column_type, sa.LargeBinary):
             values[name] = bytes.fromhex(value)
         else:
@@ -172,13 +178,38 @@ def _undo(connection: Connection, store: Store, table: Table, entry: Any) -> Non
                     f"journal entry {entry.id}: app {image[slug.name]}/app{image[number.name]}"
                     " has a new row now (regenerated?)"
                 )
-        connection.execute(sa.insert(table).values(image))
+        if entry.action == "dependent_deleted":
+            _require_apps(connection, store, table, image, entry)
+        _execute(connection, sa.insert(table).values(image), entry, table)
         return
     if current is None:
         raise RestoreConflict(f"journal entry {entry.id}: the row is no longer in {table.name}")
     if entry.action == "dependent_nullified":
-        changed = [c for c in image if c not in table.primary_key.columns]
-        connection.execute(sa.update(table).where(where_pk).values({c: image[c] for c in changed}))
+        # Only the pointer the tool set to NULL goes back; the host may have changed the rest.
+        pointers = {
+            d.column.name
+            for d in host.dependents
+            if d.table.name == table.name and d.policy == "nullify"
+            and image.get(d.column.name) is not None
+        }
+        if not pointers:
+            raise RestoreConflict(
+                f"journal entry {entry.id}: no nullify policy for {table.name} any more"
+            )
+        for name in sorted(pointers):
+            now_value = current._mapping[name]
+            if now_value is not None and now_value != image[name]:
+                raise RestoreConflict(
+                    f"journal entry {entry.id}: {table.name}.{name} points at {now_value!r}"
+                    " now; it moved on since"
+                )
+        _require_apps(connection, store, table, image, entry)
+        _execute(
+            connection,
+            sa.update(table).where(where_pk).values({name: image[name] for name in pointers}),
+            entry,
+            table,
+        )
         return
     status = host.task_col("status")
     if current._mapping[status] != entry.new_status:
@@ -186,6 +217,29 @@ def _undo(connection: Connection, store: Store, table: Table, entry: Any) -> Non
             f"journal entry {entry.id}: task is {current._mapping[status]!r} now, not"
             f" {entry.new_status!r}; it moved on since"
         )
+    if image.get(status.name) in store.config.statuses.active:
+        # Re-activating a task whose app row the tool removed, without putting that row back,
+        # would make the very orphan this tool exists to prevent. (A task that was an orphan
+        # already, with no app_removed entry, simply goes back to what it was.)
+        slug, number = host.app_col("model_slug"), host.app_col("app_number")
+        target = (
+            image[host.config.tasks.target_model], image[host.config.tasks.target_app_number]
+        )
+        j = journal_table.c
+        if connection.execute(
+            sa.select(slug).where(slug == target[0], number == target[1])
+        ).first() is None and connection.execute(
+            sa.select(j.id).where(
+                j.action == "app_removed",
+                j.model_slug == target[0],
+                j.app_number == target[1],
+                j.restored_at.is_(None),
+            ).limit(1)
+        ).first() is not None:
+            raise RestoreConflict(
+                f"journal entry {entry.id}: app {target[0]}/app{target[1]} has no row; restore"
+                " its app_removed entry with it (e.g. --batch)"
+            )
     restored_columns = [
         name
         for name in (
@@ -200,6 +254,37 @@ def _undo(connection: Connection, store: Store, table: Table, entry: Any) -> Non
         .where(where_pk, status == entry.new_status)
         .values({name: image.get(name) for name in restored_columns})
     )
+
+
+def _require_apps(
+    connection: Connection, store: Store, table: Table, image: dict[str, Any], entry: Any
+) -> None:
+    """A dependent row goes back only when the app row it points at is there."""
+    for dependent in store.host.dependents:
+        value = image.get(dependent.column.name)
+        if dependent.table.name != table.name or value is None:
+            continue
+        found = connection.execute(
+            sa.select(dependent.references).where(dependent.references == value)
+        ).first()
+        if found is None:
+            raise RestoreConflict(
+                f"journal entry {entry.id}: the {store.host.apps.name} row it points at"
+                f" ({dependent.references.name}={value!r}) is not there; restore its"
+                " app_removed entry with it (e.g. --batch)"
+            )
+
+
+def _execute(connection: Connection, statement: Any, entry: Any, table: Table) -> None:
+    """Run a restoring write; a constraint it would break now is a conflict, not a crash."""
+    try:
+        connection.execute(statement)
+    except IntegrityError as exc:
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else "constraint"
+        raise RestoreConflict(
+            f"journal entry {entry.id}: putting the row back in {table.name} would break a"
+            f" constraint now ({reason})"
+        ) from None
 
 
 def parse_ids(texts: Sequence[str]) -> tuple[int, ...]:

@@ -1,0 +1,325 @@
+"""The journal: listing what the tool changed, and restoring it all-or-nothing."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from hostlike import (
+    ABORTED,
+    NULLIFIED_AND_DELETED,
+    QUEUED,
+    SLUG,
+    app_artifacts,
+    app_bundles,
+    app_notes,
+    app_tags,
+    apps,
+    build_scenario,
+    create_host_schema,
+    job_states,
+    jobs,
+    rows,
+    write_config,
+)
+from sqlalchemy.engine import Engine
+
+from fswatch_sync import cli, db, journal
+from fswatch_sync.errors import RestoreConflict
+from fswatch_sync.layout import AppKey
+from fswatch_sync.schema import journal_table
+from fswatch_sync.settings import load_settings
+from fswatch_sync.store import Store
+from fswatch_sync.sweep import Sweeper
+
+A1, A2, A3 = AppKey("m", 1), AppKey("m", 2), AppKey("m", 3)
+
+
+@pytest.fixture
+def keep_logging() -> Iterator[None]:
+    """The CLI configures the package logger; put it back for the next test."""
+    logger = logging.getLogger("fswatch_sync")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
+
+
+@pytest.fixture
+def store(engine: Engine, now: datetime) -> Store:
+    """Default schema; apps m/app1..3, each with a pending, a running and a completed task."""
+    created = Store(engine, batch_size=1)
+    created.init_db()
+    host = created.host
+    with engine.begin() as connection:
+        connection.execute(sa.insert(host.apps), [
+            {"model_slug": k.model_slug, "app_number": k.app_number,
+             "created_at": db.to_db_time(now - timedelta(days=k.app_number))}
+            for k in (A1, A2, A3)
+        ])
+        connection.execute(sa.insert(host.tasks), [
+            {"task_id": f"{k.app_number}-{status}", "target_model": k.model_slug,
+             "target_app_number": k.app_number, "status": status,
+             "created_at": db.to_db_time(now - timedelta(hours=2)),
+             "started_at": db.to_db_time(now - timedelta(hours=1)) if status != "pending" else None,
+             "completed_at": (
+                 db.to_db_time(now - timedelta(minutes=30)) if status == "completed" else None
+             ),
+             "error_message": "real outcome" if status == "completed" else None}
+            for k in (A1, A2, A3)
+            for status in ("pending", "running", "completed")
+        ])
+    return created
+
+
+def snapshot(store: Store) -> dict[str, Any]:
+    """Every host row and every journal row: restore's "nothing changed" yardstick."""
+    host = store.host
+    with store.engine.connect() as connection:
+        return {
+            name: sorted(
+                (tuple(sorted(dict(r._mapping).items())) for r in connection.execute(
+                    sa.select(table))),
+                key=repr,
+            )
+            for name, table in (("apps", host.apps), ("tasks", host.tasks),
+                                ("journal", journal_table))
+        }
+
+
+def host_rows(store: Store) -> dict[str, Any]:
+    host = store.host
+    with store.engine.connect() as connection:
+        return {
+            "apps": {r.app_number: dict(r._mapping) for r in connection.execute(
+                sa.select(host.apps))},
+            "tasks": {r.task_id: dict(r._mapping) for r in connection.execute(
+                sa.select(host.tasks))},
+        }
+
+
+def entries(store: Store, **where: Any) -> list[Any]:
+    with store.engine.connect() as connection:
+        return list(connection.execute(
+            sa.select(journal_table)
+            .where(*(journal_table.c[k] == v for k, v in where.items()))
+            .order_by(journal_table.c.id)
+        ).all())
+
+
+def test_journal_lists_entries(store: Store, now: datetime, keep_logging: None,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    store.remove_apps([A1, A2], source="reactor", now=now)
+    listed = journal.list_entries(store.engine, journal.Selection())
+    assert [e["action"] for e in listed].count("app_removed") == 2
+    assert [e["action"] for e in listed].count("task_cancelled") == 4
+    assert [e["id"] for e in listed] == sorted((e["id"] for e in listed), reverse=True)
+    assert {e["at"] for e in listed} == {now.isoformat()}
+    only_a2 = journal.list_entries(store.engine, journal.Selection(app=("m", 2)))
+    assert {(e["model_slug"], e["app_number"]) for e in only_a2} == {("m", 2)}
+    assert len(only_a2) == 3
+    removed = journal.list_entries(store.engine, journal.Selection(action="app_removed"))
+    assert sorted(json.loads(e["before_image"])["app_number"] for e in removed) == [1, 2]
+
+    out = io.StringIO()
+    url = store.engine.url.render_as_string(hide_password=False)
+    assert cli.main(["journal", "--json", "--database-url", url], out=out) == 0
+    assert [e["id"] for e in json.loads(out.getvalue())] == [e["id"] for e in listed]
+
+
+def test_restore_by_id_then_by_batch(store: Store, now: datetime) -> None:
+    before = host_rows(store)
+    store.remove_apps([A1, A2], source="reactor", now=now)
+    assert set(host_rows(store)["apps"]) == {3}
+
+    # By id: just the app row of m/app1 (its tasks stay cancelled).
+    app1_entry = entries(store, action="app_removed", app_number=1)[0]
+    result = journal.restore(store, journal.Selection(ids=(app1_entry.id,)))
+    assert (result.restored, result.by_action) == (1, {"app_removed": 1})
+    after = host_rows(store)
+    assert after["apps"][1] == before["apps"][1]
+    assert after["tasks"]["1-pending"]["status"] == "cancelled"
+
+    # By id: its two task changes, reverted exactly (status, completed_at, message).
+    ids = tuple(e.id for e in entries(store, action="task_cancelled", app_number=1))
+    assert journal.restore(store, journal.Selection(ids=ids)).restored == 2
+    assert host_rows(store)["tasks"]["1-pending"] == before["tasks"]["1-pending"]
+    assert host_rows(store)["tasks"]["1-running"] == before["tasks"]["1-running"]
+
+    # By batch: m/app2's row and tasks together.
+    batch = entries(store, action="app_removed", app_number=2)[0].batch_id
+    result = journal.restore(store, journal.Selection(batch_id=batch))
+    assert result.by_action == {"app_removed": 1, "task_cancelled": 2}
+    assert host_rows(store) == before
+    # Restored entries are marked and not restored twice.
+    assert all(e.restored_at is not None for e in entries(store))
+    with pytest.raises(RestoreConflict):
+        journal.restore(store, journal.Selection(batch_id=batch))
+
+
+def test_restore_by_time_range(store: Store, now: datetime) -> None:
+    before = host_rows(store)
+    store.remove_apps([A1], source="reactor", now=now)
+    store.remove_apps([A2], source="sweep", now=now + timedelta(hours=1))
+    result = journal.restore(
+        store, journal.Selection(since=now - timedelta(minutes=1), until=now + timedelta(minutes=1))
+    )
+    assert result.by_action == {"app_removed": 1, "task_cancelled": 2}
+    after = host_rows(store)
+    assert set(after["apps"]) == {1, 3}
+    assert after["tasks"]["1-running"] == before["tasks"]["1-running"]
+    assert after["tasks"]["2-running"]["status"] == "cancelled"
+    result = journal.restore(store, journal.Selection(since=now + timedelta(minutes=30)))
+    assert result.restored == 3
+    assert host_rows(store) == before
+
+
+def test_restore_dry_run_changes_nothing(store: Store, now: datetime) -> None:
+    store.remove_apps([A1, A2], source="reactor", now=now)
+    before = snapshot(store)
+    result = journal.restore(store, journal.Selection(since=now), dry_run=True)
+    assert result.by_action == {"app_removed": 2, "task_cancelled": 4}
+    assert snapshot(store) == before
+
+
+def test_restore_refuses_a_regenerated_app_and_changes_nothing(
+    store: Store, now: datetime
+) -> None:
+    store.remove_apps([A1, A2], source="reactor", now=now)
+    with store.engine.begin() as connection:  # m/app1 generated again: a new row
+        connection.execute(sa.insert(store.host.apps).values(
+            model_slug="m", app_number=1, created_at=db.to_db_time(now)))
+    before = snapshot(store)
+    with pytest.raises(RestoreConflict, match="m/app1 has a new row"):
+        journal.restore(store, journal.Selection(since=now))
+    assert snapshot(store) == before
+    with pytest.raises(RestoreConflict):
+        journal.restore(store, journal.Selection(since=now), dry_run=True)
+
+
+def test_restore_refuses_a_task_that_moved_on_and_changes_nothing(
+    store: Store, now: datetime
+) -> None:
+    store.remove_apps([A1], source="reactor", now=now)
+    with store.engine.begin() as connection:  # the task runner re-ran it since
+        connection.execute(
+            sa.update(store.host.tasks)
+            .where(store.host.task_col("task_id") == "1-running")
+            .values(status="completed")
+        )
+    before = snapshot(store)
+    batch = entries(store, action="app_removed")[0].batch_id
+    with pytest.raises(RestoreConflict, match="moved on"):
+        journal.restore(store, journal.Selection(batch_id=batch))
+    assert snapshot(store) == before, "the app row must not come back without its tasks"
+
+
+def test_restore_refuses_an_active_task_without_its_app(store: Store, now: datetime) -> None:
+    store.remove_apps([A1], source="reactor", now=now)
+    before = snapshot(store)
+    ids = tuple(e.id for e in entries(store, action="task_cancelled"))
+    with pytest.raises(RestoreConflict, match="m/app1 has no row"):
+        journal.restore(store, journal.Selection(ids=ids))
+    assert snapshot(store) == before
+
+
+def test_cli_restore_conflict_is_one_line_and_exit_1(
+    store: Store, now: datetime, apps_root: Path, keep_logging: None,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    store.remove_apps([A1], source="reactor", now=now)
+    with store.engine.begin() as connection:
+        connection.execute(sa.insert(store.host.apps).values(
+            model_slug="m", app_number=1, created_at=db.to_db_time(now)))
+    entry = entries(store, action="app_removed")[0]
+    url = store.engine.url.render_as_string(hide_password=False)
+    base = ["--database-url", url, "--root", str(apps_root)]
+    before = snapshot(store)
+    capsys.readouterr()
+    assert cli.main(["restore", "--id", str(entry.id), *base]) == 1
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if "journal entry" in line]
+    assert len(lines) == 1 and f"journal entry {entry.id}" in lines[0]
+    assert "Traceback" not in captured.err and captured.out == ""
+    assert snapshot(store) == before
+
+    with store.engine.begin() as connection:  # the new row goes away again: now it restores
+        connection.execute(sa.delete(store.host.apps).where(
+            store.host.app_col("app_number") == 1))
+    out = io.StringIO()
+    assert cli.main(["restore", "--batch", entry.batch_id, "--json", *base], out=out) == 0
+    assert json.loads(out.getvalue()) == {
+        "restored": 3, "by_action": {"app_removed": 1, "task_cancelled": 2}, "dry_run": False}
+    assert host_rows(store)["tasks"]["1-running"]["status"] == "running"
+
+
+# -- a host's own schema --------------------------------------------------------------------
+
+
+def host_state(engine: Engine) -> dict[str, Any]:
+    return {
+        table.name: rows(engine, table, "pk" if table in (apps, jobs) else "id")
+        for table in (apps, jobs, app_artifacts, app_bundles, app_notes, app_tags)
+    }
+
+
+def test_restore_a_whole_sweep_on_a_host_schema(
+    engine: Engine, database_url: str, apps_root: Path, tmp_path: Path, now: datetime
+) -> None:
+    """Removed rows (with the host's NOT NULL extras), dependents, task changes and purged
+    sub-tasks all come back: the host's tables end as they were before the sweep."""
+    create_host_schema(engine)
+    config = write_config(tmp_path / "host.toml", root=apps_root, database_url=database_url)
+    settings = load_settings(environ={}, config_path=config)
+    scenario = build_scenario(engine, apps_root, now)
+    store = Store(engine, settings.schema, batch_size=2)
+    store.ensure_tool_tables()
+    before = host_state(engine)
+    Sweeper(store, settings, instance_id="test").run(now=now)
+    assert job_states(engine)["a3-queued"] == ABORTED
+    # The host edits the nullified note meanwhile: a restore must keep that edit.
+    with engine.begin() as connection:
+        connection.execute(
+            sa.update(app_notes).where(app_notes.c.id == scenario.note).values(body="edited")
+        )
+    expected = before
+    expected["app_notes"][scenario.note]["body"] = "edited"
+
+    result = journal.restore(store, journal.Selection(since=now, until=now))
+    assert result.by_action == {
+        "app_removed": 2, "dependent_deleted": 3, "dependent_nullified": 1,
+        "task_cancelled": 4, "task_failed": 1, "task_purged": 6,
+    }
+    assert host_state(engine) == expected
+    assert rows(engine, apps, "pk")[scenario.app_pk[NULLIFIED_AND_DELETED]]["owner_email"] == (
+        f"{SLUG}-3@host.test"
+    )
+    assert job_states(engine)["a3-queued"] == QUEUED
+
+
+def test_restore_a_dependent_without_its_app_is_refused(
+    engine: Engine, database_url: str, apps_root: Path, tmp_path: Path, now: datetime
+) -> None:
+    create_host_schema(engine)
+    config = write_config(tmp_path / "host.toml", root=apps_root, database_url=database_url)
+    settings = load_settings(environ={}, config_path=config)
+    build_scenario(engine, apps_root, now)
+    store = Store(engine, settings.schema)
+    store.ensure_tool_tables()
+    store.remove_apps([AppKey(SLUG, NULLIFIED_AND_DELETED)], source="reactor", now=now)
+    before = host_state(engine)
+    with engine.connect() as connection:
+        ids = tuple(connection.execute(
+            sa.select(journal_table.c.id).where(
+                journal_table.c.action.in_(("dependent_deleted", "dependent_nullified")))
+        ).scalars())
+    assert len(ids) == 3
+    with pytest.raises(RestoreConflict, match="is not there"):
+        journal.restore(store, journal.Selection(ids=ids))
+    assert host_state(engine) == before
