@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import string
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -307,7 +308,6 @@ class Store:
             if not by_key:
                 return outcome
             removing = sorted(by_key)
-            message_for = self.config.cancel_message
             tasks = connection.execute(
                 self._locked(
                     sa.select(host.tasks).where(
@@ -324,9 +324,7 @@ class Store:
                 host,
                 tasks,
                 new_status=self.config.statuses.cancelled,
-                message=lambda key: message_for.format(
-                    model_slug=key.model_slug, app_number=key.app_number
-                ),
+                message=_cancel_message(self.config.cancel_message, host),
                 now=now,
                 journal=journal,
                 action="task_cancelled",
@@ -545,7 +543,7 @@ def _set_task_status(
     rows: Sequence[Row[Any]],
     *,
     new_status: str,
-    message: Callable[[AppKey], str],
+    message: Callable[[AppKey], str] | ColumnElement[str],
     now: datetime,
     journal: _Journal,
     action: str,
@@ -555,10 +553,13 @@ def _set_task_status(
 
     The rows were read under lock in this transaction, so every compare-and-set must match; if
     one does not, the transaction is rolled back and the batch tried again from a fresh read.
+    ``message`` is the error message: a function of the task's app, or a SQL expression over
+    the task's row (one UPDATE per old status then, however many apps the batch holds).
     """
     id_col, status_col = host.task_col("id"), host.task_col("status")
     changes: list[TaskChange] = []
-    by_group: dict[tuple[str, str], list[Any]] = {}
+    by_group: dict[tuple[str, str | ColumnElement[str]], list[Any]] = {}
+    per_key = None if isinstance(message, ColumnElement) else message
     for row in rows:
         mapping = row._mapping
         key = _task_key(host, row)
@@ -569,7 +570,8 @@ def _set_task_status(
         journal.add(
             action, host.tasks, row, key, old_status=mapping[status_col], new_status=new_status
         )
-        by_group.setdefault((mapping[status_col], message(key)), []).append(mapping[id_col])
+        text = message if per_key is None else per_key(key)
+        by_group.setdefault((mapping[status_col], text), []).append(mapping[id_col])
     if dry_run:
         return changes
     stamp = db.to_db_time(now)
@@ -591,6 +593,49 @@ def _set_task_status(
                     f"{len(part) - result.rowcount} task(s) changed status under the tool's lock"
                 )
     return changes
+
+
+def _cancel_message(
+    template: str, host: HostTables
+) -> Callable[[AppKey], str] | ColumnElement[str]:
+    """The removal's cancel message for each task, built by the database when it can be.
+
+    A template that only names ``{model_slug}`` and ``{app_number}`` (no format spec or
+    conversion) becomes a concatenation over the task's own target columns, so a batch's tasks
+    are cancelled by one UPDATE per old status instead of one per app. Anything else is
+    formatted in Python, one app at a time.
+    """
+
+    def per_key(key: AppKey) -> str:
+        return template.format(model_slug=key.model_slug, app_number=key.app_number)
+
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError:
+        return per_key
+    pieces: list[ColumnElement[str]] = []
+    for literal, field_name, spec, conversion in parsed:
+        if literal:
+            pieces.append(sa.literal(literal, sa.String()))
+        if field_name is None:
+            continue
+        if spec or conversion:
+            return per_key
+        if field_name == "model_slug":
+            pieces.append(sa.cast(host.task_col("target_model"), sa.String()))
+        elif field_name == "app_number":
+            number: ColumnElement[Any] = host.task_col("target_app_number")
+            if not isinstance(number.type, sa.Integer):
+                number = sa.cast(number, sa.Integer())  # as int(...) does for the key
+            pieces.append(sa.cast(number, sa.String()))
+        else:
+            return per_key
+    if not pieces:
+        return sa.literal("", sa.String())
+    expression = pieces[0]
+    for piece in pieces[1:]:
+        expression = expression + piece
+    return expression
 
 
 class _Journal:
