@@ -559,7 +559,6 @@ def _set_task_status(
     id_col, status_col = host.task_col("id"), host.task_col("status")
     changes: list[TaskChange] = []
     by_group: dict[tuple[str, str | ColumnElement[str]], list[Any]] = {}
-    per_key = None if isinstance(message, ColumnElement) else message
     for row in rows:
         mapping = row._mapping
         key = _task_key(host, row)
@@ -570,7 +569,7 @@ def _set_task_status(
         journal.add(
             action, host.tasks, row, key, old_status=mapping[status_col], new_status=new_status
         )
-        text = message if per_key is None else per_key(key)
+        text = message if isinstance(message, ColumnElement) else message(key)
         by_group.setdefault((mapping[status_col], text), []).append(mapping[id_col])
     if dry_run:
         return changes
