@@ -17,7 +17,7 @@ from typing import Any
 from fswatch_sync import announce, db
 from fswatch_sync.layout import AppKey, any_app_dir, app_exists, root_present
 from fswatch_sync.stats import Stats
-from fswatch_sync.store import Store
+from fswatch_sync.store import RemovalOutcome, Store, chunks
 from fswatch_sync.watcher import AppGone, Hint, ModelGone
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,11 @@ class Reactor:
         with self._condition:
             return len(self._keys) + len(self._slugs)
 
+    def wake(self) -> None:
+        """Wake the reactor's thread (to see that its stop event is set)."""
+        with self._condition:
+            self._condition.notify_all()
+
     def discard_pending(self) -> None:
         with self._condition:
             self._keys.clear()
@@ -124,7 +129,8 @@ class Reactor:
             first = time.monotonic()
             while not stop.is_set():
                 quiet_for = time.monotonic() - self._last_hint
-                if quiet_for >= self.settle_seconds or time.monotonic() - first > MAX_SETTLE_SECONDS:
+                settled = time.monotonic() - first > MAX_SETTLE_SECONDS
+                if quiet_for >= self.settle_seconds or settled:
                     break
                 self._condition.wait(timeout=self.settle_seconds - quiet_for)
             keys, slugs = self._keys, self._slugs
@@ -143,6 +149,11 @@ class Reactor:
             self.stats.set("queue_depth", len(self._keys) + len(self._slugs))
 
     def _apply(self, keys: set[AppKey], slugs: set[str]) -> None:
+        """Remove the rows of the apps that are really gone, a store batch at a time.
+
+        Each batch is announced as soon as it has committed. ``keys`` and ``slugs`` are consumed
+        as the work is done, so when a batch fails they hold exactly what is left to retry.
+        """
         if not root_present(self.root, self.root_marker):
             # An unmounted or deleted root says nothing about the apps: act on nothing; the
             # sweep after the root's return reconciles everything.
@@ -151,18 +162,22 @@ class Reactor:
         if not any_app_dir(self.root):
             self.root_unusable("root-empty")
             return
-        candidates = set(keys)
-        for slug in slugs:
-            candidates.update(self.store.app_keys_for_slug(slug))
-        absent = {key for key in candidates if not app_exists(self.root, key)}
-        if not absent:
-            return
-        outcome = self.store.remove_apps(
-            absent,
-            source="reactor",
-            now=db.utcnow(),
-            still_absent=lambda key: not app_exists(self.root, key),
-        )
+        for slug in sorted(slugs):
+            keys.update(self.store.app_keys_for_slug(slug))
+            slugs.discard(slug)
+        absent = sorted(key for key in keys if not app_exists(self.root, key))
+        keys.intersection_update(absent)  # the rest are back on disk: nothing to do
+        for part in chunks(absent, max(self.store.batch_size, 1)):
+            outcome = self.store.remove_apps(
+                part,
+                source="reactor",
+                now=db.utcnow(),
+                still_absent=lambda key: not app_exists(self.root, key),
+            )
+            keys.difference_update(part)
+            self._report(outcome)
+
+    def _report(self, outcome: RemovalOutcome) -> None:
         self.stats.add("apps_removed", len(outcome.removed))
         self.stats.add("tasks_cancelled", len(outcome.cancelled))
         if outcome.removed:

@@ -51,6 +51,8 @@ class Service:
         initial_sweep: bool = True,
     ) -> None:
         self.settings = settings
+        # An engine the service opened is the service's to close when it stops.
+        self._owns_engine = store is None
         self.store = store or open_store(settings)
         self.instance_id = instance_id or records.new_instance_id()
         self.initial_sweep = initial_sweep
@@ -62,6 +64,7 @@ class Service:
         self._triggers: list[str] = []
         self._triggers_lock = threading.Lock()
         self._sweep_lock = threading.Lock()
+        self._watcher_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._root_state = "unknown"
         self.observer_kind = choose_observer_kind(settings.observer, settings.root)
@@ -132,18 +135,21 @@ class Service:
         self._stop.set()
         self._sweep_wanted.set()
         self._root_changed.set()
-        with self.reactor._condition:
-            self.reactor._condition.notify_all()
-        self.watcher.stop()
+        self.reactor.wake()
+        # The threads first: the monitor must not restart the observer being stopped.
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(timeout=max(deadline - time.monotonic(), 0.05))
+        with self._watcher_lock:
+            self.watcher.stop()
         self._threads = []
         self.stats.set("watch_state", "stopped")
         try:
             self._heartbeat(state="stopped")
         except Exception:
             log.warning("could not record the stop in the database", exc_info=True)
+        if self._owns_engine:
+            self.store.engine.dispose()
         log.info("stopped %s", self.instance_id)
 
     def __enter__(self) -> Service:
@@ -207,8 +213,12 @@ class Service:
             self._sweep_wanted.clear()
             with self._triggers_lock:
                 triggers, self._triggers = self._triggers, []
-            if fired and triggers:
+            if triggers:
                 trigger = triggers[0]
+            elif fired:
+                # A request already served by the sweep that just ran (its trigger was taken
+                # with that sweep's): not a reason for a periodic sweep now.
+                continue
             else:
                 next_at = time.monotonic() + self._next_period()
                 if not self.settings.enabled or self._swept_recently():
@@ -289,9 +299,16 @@ class Service:
                 return
             try:
                 self._update_root_state()
-                if not self.watcher.is_alive() and time.monotonic() >= next_restart:
-                    restart_backoff = self._restart_watcher(restart_backoff)
-                    next_restart = time.monotonic() + restart_backoff
+                with self._watcher_lock:
+                    if self._stop.is_set():
+                        return
+                    if not self.watcher.is_alive():
+                        if time.monotonic() >= next_restart:
+                            restart_backoff = self._restart_watcher(restart_backoff)
+                            next_restart = time.monotonic() + restart_backoff
+                    elif self._root_state == "watching" and self.watcher.repair():
+                        log.info("repaired watches a race had left wrong; sweeping")
+                        self.request_sweep("recovery")
                 if time.monotonic() - last_beat >= self.settings.heartbeat_seconds:
                     last_beat = time.monotonic()
                     self._heartbeat()

@@ -11,6 +11,7 @@ The adapter only reports *hints*; the reactor re-checks the disk and the databas
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -103,7 +104,15 @@ class Watcher:
 
     Callbacks run on watchdog's dispatcher thread and must be quick: ``on_hint`` (an app or model
     may be gone), ``on_root_change`` (the root vanished or appeared), ``on_overflow`` (events were
-    lost), ``on_error`` (the observer failed).
+    lost).
+
+    Locking: watchdog calls the handler while holding its observer's lock, and the handler adds
+    and drops watches (which takes that lock again). So this class never calls ``schedule`` or
+    ``unschedule`` while holding its own lock — another thread (the service's monitor) doing so
+    would wait for the observer's lock while the dispatcher waits for ours. Instead, a watch is
+    scheduled outside the lock and recorded afterwards, unless the root or that model directory
+    was forgotten in between (``_epoch`` and ``_model_epochs`` count those), in which case it is
+    dropped again.
     """
 
     def __init__(
@@ -126,6 +135,8 @@ class Watcher:
         self._observer: BaseObserver | None = None
         self._model_watches: dict[str, ObservedWatch] = {}
         self._root_watch: ObservedWatch | None = None
+        self._epoch = 0
+        self._model_epochs: dict[str, int] = {}
         self._handler = _Handler(self)
         self._overflow_detector = _OverflowDetector(self.inject_overflow)
 
@@ -141,21 +152,32 @@ class Watcher:
             self._observer = observer
             self._model_watches.clear()
             self._root_watch = None
-        # The parent is watched so the root's own removal and return are seen.
-        observer.schedule(self._handler, str(self.root.parent), recursive=False)
-        self._watch_root_and_models()
+            self._epoch += 1
         for name in _OVERFLOW_LOGGERS:
             logging.getLogger(name).addHandler(self._overflow_detector)
-        observer.start()
+        try:
+            # The parent is watched so the root's own removal and return are seen.
+            observer.schedule(self._handler, str(self.root.parent), recursive=False)
+            self._watch_root_and_models()
+            observer.start()
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         for name in _OVERFLOW_LOGGERS:
             logging.getLogger(name).removeHandler(self._overflow_detector)
         with self._lock:
             observer, self._observer = self._observer, None
+            self._model_watches.clear()
+            self._root_watch = None
+            self._epoch += 1
         if observer is not None:
-            observer.stop()
-            observer.join(timeout=5)
+            if observer.is_alive():
+                observer.stop()
+                observer.join(timeout=5)
+            else:  # never started: its emitters (and inotify's reader thread) still need closing
+                observer.on_thread_stop()
 
     def is_alive(self) -> bool:
         observer = self._observer
@@ -164,7 +186,14 @@ class Watcher:
     @property
     def watch_count(self) -> int:
         with self._lock:
+            if self._observer is None:
+                return 0
             return len(self._model_watches) + (1 if self._root_watch else 0) + 1
+
+    def watched_models(self) -> frozenset[str]:
+        """Slugs of the model directories that have a watch now."""
+        with self._lock:
+            return frozenset(self._model_watches)
 
     def inject_overflow(self) -> None:
         """Events were lost (the kernel queue overflowed): tell the service."""
@@ -173,22 +202,34 @@ class Watcher:
 
     # -- watches ----------------------------------------------------------------------------------
 
+    def _schedule(self, observer: BaseObserver, path: Path) -> ObservedWatch | None:
+        try:
+            return observer.schedule(self._handler, str(path), recursive=False)
+        except OSError as exc:
+            # Gone again before it could be watched: the watch one level up reports that.
+            log.debug("cannot watch %s: %s", path, exc)
+            return None
+
     def _watch_root_and_models(self) -> None:
         """Watch the root and every model directory in it (no-op for those already watched)."""
         if not os.path.isdir(self.root):
             return
         with self._lock:
-            observer = self._observer
-            if observer is None:
+            observer, epoch, need_root = self._observer, self._epoch, self._root_watch is None
+        if observer is None:
+            return
+        if need_root:
+            watch = self._schedule(observer, self.root)
+            if watch is None:
                 return
-            if self._root_watch is None:
-                try:
-                    self._root_watch = observer.schedule(
-                        self._handler, str(self.root), recursive=False
-                    )
-                except OSError as exc:
-                    log.warning("cannot watch the root %s: %s", self.root, exc)
-                    return
+            with self._lock:
+                current = observer is self._observer and epoch == self._epoch
+                if current and self._root_watch is None:
+                    self._root_watch = watch
+                kept = current or self._root_watch == watch
+            if not kept:
+                _unschedule(observer, watch)
+                return
         for slug in model_dirs(self.root):
             self.watch_model(slug)
 
@@ -197,17 +238,26 @@ class Watcher:
             observer = self._observer
             if observer is None or slug in self._model_watches:
                 return
-            try:
-                self._model_watches[slug] = observer.schedule(
-                    self._handler, str(self.root / slug), recursive=False
-                )
-            except OSError:
-                # Gone again before it could be watched; the root's watch reports that.
-                return
+            epoch, model_epoch = self._epoch, self._model_epochs.get(slug, 0)
+        watch = self._schedule(observer, self.root / slug)
+        if watch is None:
+            return
+        with self._lock:
+            current = (
+                observer is self._observer
+                and epoch == self._epoch
+                and model_epoch == self._model_epochs.get(slug, 0)
+            )
+            if current:
+                self._model_watches.setdefault(slug, watch)
+            kept = current or self._model_watches.get(slug) == watch
+        if not kept:
+            _unschedule(observer, watch)
 
     def forget_model(self, slug: str) -> None:
         with self._lock:
             watch = self._model_watches.pop(slug, None)
+            self._model_epochs[slug] = self._model_epochs.get(slug, 0) + 1
             observer = self._observer
         if watch is not None and observer is not None:
             _unschedule(observer, watch)
@@ -219,6 +269,7 @@ class Watcher:
                 watches.append(self._root_watch)
             self._model_watches.clear()
             self._root_watch = None
+            self._epoch += 1
             observer = self._observer
         if observer is not None:
             for watch in watches:
@@ -227,6 +278,42 @@ class Watcher:
     def rewatch(self) -> None:
         """The root is back (or may be): watch it and its model directories again."""
         self._watch_root_and_models()
+
+    def repair(self) -> int:
+        """Mend watches a race left wrong; return how many were mended.
+
+        A model directory that appeared while the root's watch was being set up, one removed and
+        recreated between two events, or an emitter that stopped (its directory vanished) leave
+        a model unwatched or watched through a dead emitter. The service's monitor calls this
+        about once a second; it costs one ``scandir`` of the root.
+        """
+        with self._lock:
+            observer, root_watch = self._observer, self._root_watch
+            models = dict(self._model_watches)
+        if observer is None or not os.path.isdir(self.root):
+            return 0
+        live = {
+            emitter.watch
+            for emitter in list(observer.emitters)
+            if emitter.is_alive() and emitter.should_keep_running()
+        }
+        if root_watch is None or root_watch not in live:
+            self.forget_root()
+            self.rewatch()
+            return 1
+        mended = 0
+        on_disk = set(model_dirs(self.root))
+        for slug, watch in models.items():
+            if slug not in on_disk:
+                self.forget_model(slug)  # its removal event is on its way; nothing was missed
+            elif watch not in live:
+                self.forget_model(slug)
+                self.watch_model(slug)
+                mended += 1
+        for slug in sorted(on_disk - self.watched_models()):
+            self.watch_model(slug)
+            mended += slug in self.watched_models()
+        return mended
 
     # -- events -----------------------------------------------------------------------------------
 
@@ -271,10 +358,9 @@ class Watcher:
 
 
 def _unschedule(observer: BaseObserver, watch: ObservedWatch) -> None:
-    try:
+    # watchdog may already have dropped a watch whose directory vanished
+    with contextlib.suppress(KeyError, OSError):
         observer.unschedule(watch)
-    except (KeyError, OSError):
-        pass  # watchdog already dropped a watch whose directory vanished
 
 
 class _Handler(FileSystemEventHandler):

@@ -1,0 +1,345 @@
+"""A running Service against real directories, a real watchdog observer and a real database.
+
+Every removal kind the SPEC lists is made with the ordinary file-system calls a user's ``rm``,
+``rmdir`` and ``mv`` make; each test then waits (polling a separate database connection) for the
+row to go and checks the whole outcome: tasks cancelled with a time and a message, the completed
+task untouched, every other app untouched, and the journal naming the reactor as the source.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import (
+    OTHER_SLUG,
+    SLUG,
+    SeededApp,
+    add_app_row,
+    assert_removed,
+    assert_untouched,
+    finished_sweeps,
+    has_row,
+    init_database,
+    instance_rows,
+    journal_sources,
+    make_settings,
+    probe_engine,
+    running_service,
+    seed_app,
+    seed_apps,
+    sqlite_url,
+    sweep_rows,
+    wait_until,
+)
+from sqlalchemy.engine import Engine
+
+from fswatch_sync import db, signals
+from fswatch_sync.layout import AppKey
+from fswatch_sync.service import Service
+
+A1, A2, A5 = AppKey(SLUG, 1), AppKey(SLUG, 2), AppKey(SLUG, 5)
+B1, B2 = AppKey(OTHER_SLUG, 1), AppKey(OTHER_SLUG, 2)
+ALL = (A1, A2, A5, B1, B2)
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> str:
+    database_url = sqlite_url(tmp_path)
+    init_database(database_url)
+    return database_url
+
+
+@pytest.fixture
+def probe(url: str) -> Iterator[Engine]:
+    with probe_engine(url) as engine:
+        yield engine
+
+
+@pytest.fixture
+def apps(probe: Engine, apps_root: Path) -> dict[AppKey, SeededApp]:
+    return seed_apps(probe, apps_root, ALL)
+
+
+@pytest.fixture
+def service(apps_root: Path, url: str, apps: dict[AppKey, SeededApp]) -> Iterator[Service]:
+    with running_service(make_settings(apps_root, url)) as started:
+        yield started
+
+
+def removed_by_reactor(
+    probe: Engine, apps: dict[AppKey, SeededApp], gone: tuple[AppKey, ...]
+) -> None:
+    """Wait for every app in ``gone`` to lose its row; check it and every other app."""
+    wait_until(lambda: not any(has_row(probe, key) for key in gone), what=f"{gone} removed")
+    for key, app in apps.items():
+        if key in gone:
+            assert_removed(probe, app, source="reactor")
+        else:
+            assert_untouched(probe, app)
+    assert sweep_rows(probe) == [], "a sweep ran; the reactor alone must have done this"
+
+
+# -- every removal kind --------------------------------------------------------------------------
+
+
+def test_rm_rf_of_an_app_directory(
+    service: Service, probe: Engine, apps: dict[AppKey, SeededApp]
+) -> None:
+    shutil.rmtree(apps[A5].path)
+    removed_by_reactor(probe, apps, (A5,))
+
+
+def test_rm_rf_on_every_backend(database_url: str, apps_root: Path) -> None:
+    init_database(database_url)
+    with probe_engine(database_url) as probe:
+        apps = seed_apps(probe, apps_root, ALL)
+        with running_service(make_settings(apps_root, database_url)):
+            shutil.rmtree(apps[A2].path)
+            removed_by_reactor(probe, apps, (A2,))
+
+
+def test_rmdir_of_an_empty_app_directory(
+    apps_root: Path, url: str, probe: Engine, apps: dict[AppKey, SeededApp]
+) -> None:
+    empty = seed_app(probe, apps_root, AppKey(SLUG, 7), empty=True)
+    apps = {**apps, empty.key: empty}
+    with running_service(make_settings(apps_root, url)):
+        os.rmdir(empty.path)
+        removed_by_reactor(probe, apps, (empty.key,))
+
+
+def test_app_directory_moved_out_of_the_root(
+    service: Service, tmp_path: Path, probe: Engine, apps: dict[AppKey, SeededApp]
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.rename(apps[A5].path, elsewhere / "app5")
+    removed_by_reactor(probe, apps, (A5,))
+    assert (elsewhere / "app5" / "src" / "main.py").is_file(), "the tool must not touch disk"
+
+
+@pytest.mark.parametrize("new_name", ["app5.old", "old-app5", "App5"])
+def test_app_directory_renamed_so_it_no_longer_matches(
+    service: Service, probe: Engine, apps: dict[AppKey, SeededApp], new_name: str
+) -> None:
+    os.rename(apps[A5].path, apps[A5].path.with_name(new_name))
+    removed_by_reactor(probe, apps, (A5,))
+
+
+def test_whole_model_directory_removed(
+    service: Service, apps_root: Path, probe: Engine, apps: dict[AppKey, SeededApp]
+) -> None:
+    shutil.rmtree(apps_root / SLUG)
+    removed_by_reactor(probe, apps, (A1, A2, A5))
+
+
+def test_model_directory_created_after_start_is_watched(
+    service: Service, apps_root: Path, probe: Engine, apps: dict[AppKey, SeededApp]
+) -> None:
+    (apps_root / "mistral_large").mkdir()
+    wait_until(
+        lambda: "mistral_large" in service.watcher.watched_models(), what="the new model's watch"
+    )
+    late = seed_app(probe, apps_root, AppKey("mistral_large", 3))
+    apps = {**apps, late.key: late}
+    shutil.rmtree(late.path)
+    removed_by_reactor(probe, apps, (late.key,))
+
+
+def test_model_directory_created_with_its_apps_in_one_go(
+    service: Service, apps_root: Path, probe: Engine, apps: dict[AppKey, SeededApp]
+) -> None:
+    # mkdir -p: the app directory may exist before the model directory's watch does.
+    late = seed_app(probe, apps_root, AppKey("mistral_large", 4))
+    apps = {**apps, late.key: late}
+    wait_until(
+        lambda: "mistral_large" in service.watcher.watched_models(), what="the new model's watch"
+    )
+    shutil.rmtree(late.path)
+    removed_by_reactor(probe, apps, (late.key,))
+
+
+def test_model_directory_renamed_removes_its_apps_and_watches_the_new_name(
+    service: Service, apps_root: Path, probe: Engine, apps: dict[AppKey, SeededApp]
+) -> None:
+    os.rename(apps_root / OTHER_SLUG, apps_root / "renamed_model")
+    removed_by_reactor(probe, apps, (B1, B2))
+    wait_until(lambda: "renamed_model" in service.watcher.watched_models(), what="a watch")
+    assert OTHER_SLUG not in service.watcher.watched_models()
+    moved = seed_app(probe, apps_root, AppKey("renamed_model", 1))
+    shutil.rmtree(moved.path)
+    wait_until(lambda: not has_row(probe, moved.key), what="removal under the new name")
+    assert_removed(probe, moved)
+
+
+# -- the re-check ----------------------------------------------------------------------------------
+
+
+def test_deleted_and_recreated_directory_keeps_its_row(
+    service: Service, probe: Engine, apps: dict[AppKey, SeededApp]
+) -> None:
+    shutil.rmtree(apps[A5].path)
+    apps[A5].path.mkdir()  # regenerated at once
+    # A later removal in the same model directory is queued behind A5's hint: once it is
+    # handled, A5's hint has been looked at too.
+    shutil.rmtree(apps[A1].path)
+    wait_until(lambda: not has_row(probe, A1), what="the later removal")
+    assert_untouched(probe, apps[A5])
+    assert journal_sources(probe, A5) == []
+    assert_removed(probe, apps[A1])
+
+
+# -- the root --------------------------------------------------------------------------------------
+
+
+class Degraded:
+    """Records watch_degraded signals sent by one service."""
+
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+
+    def __call__(self, sender: Any, *, reason: str, **_extra: Any) -> None:
+        self.reasons.append(reason)
+
+
+def test_root_removed_then_back(
+    apps_root: Path, url: str, probe: Engine, apps: dict[AppKey, SeededApp]
+) -> None:
+    degraded = Degraded()
+    with running_service(make_settings(apps_root, url)) as service, \
+            signals.watch_degraded.connected_to(degraded, sender=service):
+        shutil.rmtree(apps_root)
+        wait_until(lambda: "root-missing" in degraded.reasons, what="watch_degraded root-missing")
+        assert service.stats.get("watch_state") == "root-missing"
+        for app in apps.values():
+            assert_untouched(probe, app)
+
+        for key in ALL:
+            (apps_root / key.model_slug / f"app{key.app_number}").mkdir(parents=True)
+        wait_until(lambda: finished_sweeps(probe, "root-back"), what="the root-back sweep")
+        assert service.stats.get("watch_state") == "watching"
+        assert degraded.reasons[-1] == "recovered"
+        assert finished_sweeps(probe, "root-back")[0]["outcome"] == "ok"
+        for app in apps.values():
+            assert_untouched(probe, app)
+
+        shutil.rmtree(apps[A2].path)  # watched again
+        wait_until(lambda: not has_row(probe, A2), what="a removal after the root came back")
+        assert_removed(probe, apps[A2])
+        assert_untouched(probe, apps[B1])
+
+
+def test_root_emptied_removes_nothing(
+    apps_root: Path, url: str, probe: Engine, apps: dict[AppKey, SeededApp]
+) -> None:
+    degraded = Degraded()
+    # An unmount empties the root in one instant; two rmtree calls are one burst only within a
+    # settle window that spans them.
+    settings = make_settings(apps_root, url, settle_ms=300.0)
+    with running_service(settings) as service, \
+            signals.watch_degraded.connected_to(degraded, sender=service):
+        shutil.rmtree(apps_root / SLUG)
+        shutil.rmtree(apps_root / OTHER_SLUG)
+        wait_until(lambda: "root-empty" in degraded.reasons, what="watch_degraded root-empty")
+        wait_until(lambda: service.reactor.pending() == 0, what="the queue to drain")
+        assert service.stats.get("watch_state") == "root-empty"
+        for app in apps.values():
+            assert has_row(probe, app.key)
+            assert_untouched(probe, app)
+
+
+def test_root_missing_at_start_then_created(
+    apps_root: Path, url: str, probe: Engine, apps: dict[AppKey, SeededApp]
+) -> None:
+    parked = apps_root.with_name("parked")
+    os.rename(apps_root, parked)
+    degraded = Degraded()
+    with signals.watch_degraded.connected_to(degraded), running_service(
+        make_settings(apps_root, url), initial_sweep=True
+    ) as service:
+        wait_until(lambda: finished_sweeps(probe, "startup"), what="the refused startup sweep")
+        assert finished_sweeps(probe, "startup")[0]["outcome"] == "refused"
+        assert service.stats.get("watch_state") == "root-missing"
+        assert "root-missing" in degraded.reasons
+        os.rename(parked, apps_root)  # mounted
+        wait_until(lambda: finished_sweeps(probe, "root-back"), what="the root-back sweep")
+        shutil.rmtree(apps[B2].path)
+        wait_until(lambda: not has_row(probe, B2), what="a removal once the root is there")
+        for key, app in apps.items():
+            if key != B2:
+                assert_untouched(probe, app)
+
+
+# -- missed events -------------------------------------------------------------------------------
+
+
+def test_overflow_at_the_adapter_runs_a_full_sweep(
+    service: Service, probe: Engine, apps: dict[AppKey, SeededApp]
+) -> None:
+    orphan = AppKey(SLUG, 40)  # a row whose directory vanished without any event
+    add_app_row(probe, orphan, db.utcnow() - timedelta(hours=2))
+    degraded = Degraded()
+    with signals.watch_degraded.connected_to(degraded, sender=service):
+        service.watcher.inject_overflow()
+        wait_until(lambda: finished_sweeps(probe, "overflow"), what="the overflow sweep")
+    (sweep,) = finished_sweeps(probe, "overflow")
+    assert sweep["outcome"] == "ok"
+    assert sweep["orphan_apps"] == 1
+    assert not has_row(probe, orphan)
+    assert journal_sources(probe, orphan) == ["sweep"]
+    assert degraded.reasons == ["overflow"]
+    for app in apps.values():
+        assert_untouched(probe, app)
+
+
+def test_request_sweep_and_sweep_now(
+    service: Service, probe: Engine, apps: dict[AppKey, SeededApp]
+) -> None:
+    service.request_sweep("manual")
+    wait_until(lambda: finished_sweeps(probe, "manual"), what="the requested sweep")
+    report = service.sweep_now(trigger="manual")
+    assert report.orphan_apps == 0
+    assert [row["trigger"] for row in finished_sweeps(probe)] == ["manual", "manual"]
+    assert service.stats.get("sweeps") == 2
+
+
+# -- observers, status, lifecycle ----------------------------------------------------------------
+
+
+def test_polling_observer_sees_rm_rf(
+    apps_root: Path, url: str, probe: Engine, apps: dict[AppKey, SeededApp]
+) -> None:
+    settings = make_settings(apps_root, url, observer="polling", polling_interval_seconds=0.05)
+    with running_service(settings) as service:
+        assert service.observer_kind == "polling"
+        shutil.rmtree(apps[B1].path)
+        removed_by_reactor(probe, apps, (B1,))
+
+
+def test_heartbeat_and_stop_are_recorded(
+    service: Service, probe: Engine, apps: dict[AppKey, SeededApp]
+) -> None:
+    (row,) = instance_rows(probe)
+    assert row["instance_id"] == service.instance_id
+    assert row["state"] == "watching"
+    assert row["stopped_at"] is None
+    status = service.status()
+    assert status["running"] is True
+    assert status["stats"]["watches"] == 4  # the root's parent, the root, two model dirs
+    service.stop()
+    (row,) = instance_rows(probe)
+    assert row["state"] == "stopped"
+    assert row["stopped_at"] is not None
+    assert not service.running
+    assert not [t for t in service._threads if t.is_alive()]
+
+
+def test_start_twice_is_refused(service: Service) -> None:
+    with pytest.raises(RuntimeError):
+        service.start()
