@@ -16,23 +16,27 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import NoSuchTableError
 
 from fswatch_sync.errors import SettingsError
-from fswatch_sync.schema import Dependent, SchemaConfig
+from fswatch_sync.schema import SchemaConfig
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ResolvedDependent:
-    """A table pointing at app rows, with the columns resolved and its policy."""
+    """A table pointing at app rows (or at tasks), with the columns resolved and its policy.
+
+    ``columns`` point at ``references`` (one column each, in order): a composite foreign key such
+    as ``(model_slug, app_number) -> apps(model_slug, app_number)`` has two.
+    """
 
     table: Table
-    column: Column[Any]
-    references: Column[Any]
+    columns: tuple[Column[Any], ...]
+    references: tuple[Column[Any], ...]
     policy: str
 
     @property
     def name(self) -> str:
-        return f"{self.table.name}.{self.column.name}"
+        return f"{self.table.name}.{'+'.join(c.name for c in self.columns)}"
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,9 @@ class HostTables:
     tasks: Table
     dependents: tuple[ResolvedDependent, ...]
     config: SchemaConfig
+    # Foreign keys from other tables (not the sub-task column) to task rows: such a task is
+    # never purged while it is pointed at (policy "restrict"), so a purge cannot fail on them.
+    task_dependents: tuple[ResolvedDependent, ...] = ()
 
     def app_col(self, role: str) -> Column[Any]:
         column: Column[Any] = self.apps.c[getattr(self.config.apps, role)]
@@ -61,6 +68,8 @@ class HostTables:
 
 
 def _reflect(engine: Engine, metadata: MetaData, name: str) -> Table:
+    if name in metadata.tables:  # already reflected (directly or through a foreign key)
+        return metadata.tables[name]
     try:
         return Table(name, metadata, autoload_with=engine)
     except NoSuchTableError:
@@ -84,45 +93,70 @@ def reflect_host_tables(engine: Engine, config: SchemaConfig) -> HostTables:
     tasks = _reflect(engine, metadata, config.tasks_table)
     _check_columns(apps, config.apps, "apps_columns")
     _check_columns(tasks, config.tasks, "tasks_columns")
-    configured = {(d.table, d.column): d for d in config.dependents}
-    found: dict[tuple[str, str], Dependent] = dict(configured)
     inspector = sa.inspect(engine)
+    # (table, columns) -> (referred columns, policy); configured entries first, then every
+    # foreign key found in the database that points at the apps table.
+    found: dict[tuple[str, tuple[str, ...]], tuple[tuple[str, ...], str]] = {
+        (d.table, (d.column,)): ((d.references,), d.policy) for d in config.dependents
+    }
+    task_fks: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = []
     for table_name in inspector.get_table_names():
         for fk in inspector.get_foreign_keys(table_name):
-            if fk.get("referred_table") != apps.name or len(fk["constrained_columns"]) != 1:
-                continue
-            constrained = fk["constrained_columns"][0]
-            if (table_name, constrained) not in found:
-                found[(table_name, constrained)] = Dependent(
-                    table=table_name,
-                    column=constrained,
-                    references=fk["referred_columns"][0],
-                    policy=config.dependents_policy,
-                )
+            constrained = tuple(fk["constrained_columns"])
+            referred = tuple(fk["referred_columns"])
+            if fk.get("referred_table") == apps.name:
+                if (table_name, constrained) not in found:
+                    found[(table_name, constrained)] = (referred, config.dependents_policy)
+            elif fk.get("referred_table") == tasks.name and not (
+                table_name == tasks.name and constrained == (config.tasks.parent_id,)
+            ):
+                task_fks.append((table_name, constrained, referred))
     dependents = []
-    for dependent in found.values():
-        table = (
-            apps if dependent.table == apps.name else _reflect(engine, metadata, dependent.table)
+    for (table_name, column_names), (referred, policy) in found.items():
+        table = _table(engine, metadata, table_name, apps, tasks)
+        described = (
+            f"{table_name}.{'+'.join(column_names)} -> {apps.name}.{'+'.join(referred)}"
         )
-        if dependent.column not in table.c or dependent.references not in apps.c:
+        if not all(c in table.c for c in column_names) or not all(r in apps.c for r in referred):
             raise SettingsError(
-                "schema.dependents",
-                f"{dependent.table}.{dependent.column} -> {apps.name}.{dependent.references}"
-                " names a column that does not exist",
+                "schema.dependents", f"{described} names a column that does not exist"
             )
-        pointing = table.c[dependent.column]
-        if dependent.policy == "nullify" and not pointing.nullable:
+        pointing = tuple(table.c[c] for c in column_names)
+        if policy == "nullify" and not all(c.nullable for c in pointing):
             raise SettingsError(
                 "schema.dependents",
-                f"{dependent.table}.{dependent.column} is NOT NULL, so it cannot be nullified",
+                f"{described}: a NOT NULL column cannot be nullified (use delete or restrict)",
             )
         dependents.append(
             ResolvedDependent(
                 table=table,
-                column=pointing,
-                references=apps.c[dependent.references],
-                policy=dependent.policy,
+                columns=pointing,
+                references=tuple(apps.c[r] for r in referred),
+                policy=policy,
             )
         )
-        log.debug("dependent %s.%s: policy %s", dependent.table, dependent.column, dependent.policy)
-    return HostTables(apps=apps, tasks=tasks, dependents=tuple(dependents), config=config)
+        log.debug("dependent %s: policy %s", described, policy)
+    task_dependents = tuple(
+        ResolvedDependent(
+            table=(table := _table(engine, metadata, table_name, apps, tasks)),
+            columns=tuple(table.c[c] for c in constrained),
+            references=tuple(tasks.c[r] for r in referred),
+            policy="restrict",
+        )
+        for table_name, constrained, referred in task_fks
+    )
+    return HostTables(
+        apps=apps,
+        tasks=tasks,
+        dependents=tuple(dependents),
+        config=config,
+        task_dependents=task_dependents,
+    )
+
+
+def _table(engine: Engine, metadata: MetaData, name: str, apps: Table, tasks: Table) -> Table:
+    if name == apps.name:
+        return apps
+    if name == tasks.name:
+        return tasks
+    return _reflect(engine, metadata, name)

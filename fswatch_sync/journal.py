@@ -187,10 +187,11 @@ def _undo(connection: Connection, store: Store, table: Table, entry: Any) -> Non
     if entry.action == "dependent_nullified":
         # Only the pointer the tool set to NULL goes back; the host may have changed the rest.
         pointers = {
-            d.column.name
+            column.name
             for d in host.dependents
             if d.table.name == table.name and d.policy == "nullify"
-            and image.get(d.column.name) is not None
+            for column in d.columns
+            if image.get(column.name) is not None
         }
         if not pointers:
             raise RestoreConflict(
@@ -261,17 +262,22 @@ def _require_apps(
 ) -> None:
     """A dependent row goes back only when the app row it points at is there."""
     for dependent in store.host.dependents:
-        value = image.get(dependent.column.name)
-        if dependent.table.name != table.name or value is None:
+        values = [image.get(column.name) for column in dependent.columns]
+        if dependent.table.name != table.name or None in values:
             continue
         found = connection.execute(
-            sa.select(dependent.references).where(dependent.references == value)
+            sa.select(*dependent.references).where(
+                *(ref == value for ref, value in zip(dependent.references, values, strict=True))
+            )
         ).first()
         if found is None:
+            pointed = ", ".join(
+                f"{ref.name}={value!r}"
+                for ref, value in zip(dependent.references, values, strict=True)
+            )
             raise RestoreConflict(
                 f"journal entry {entry.id}: the {store.host.apps.name} row it points at"
-                f" ({dependent.references.name}={value!r}) is not there; restore its"
-                " app_removed entry with it (e.g. --batch)"
+                f" ({pointed}) is not there; restore its app_removed entry with it (e.g. --batch)"
             )
 
 

@@ -351,13 +351,29 @@ class Store:
         """Apply the dependent table's policy; return the apps a ``restrict`` policy blocks."""
         if not by_key:
             return []
-        key_by_ref = {row._mapping[dependent.references]: key for key, row in by_key.items()}
-        statement = sa.select(dependent.table).where(dependent.column.in_(list(key_by_ref)))
+        columns, references = dependent.columns, dependent.references
+        key_by_ref: dict[tuple[Any, ...], AppKey] = {}
+        for key, row in by_key.items():
+            ref = tuple(row._mapping[c] for c in references)
+            if None not in ref:
+                key_by_ref[ref] = key
+        if not key_by_ref:
+            return []
+        pointing: ColumnElement[bool] = (
+            columns[0].in_([ref[0] for ref in key_by_ref])
+            if len(columns) == 1
+            else sa.tuple_(*columns).in_(list(key_by_ref))
+        )
+        statement = sa.select(dependent.table).where(pointing)
         rows = connection.execute(self._locked(statement, connection)).all()
         if not rows:
             return []
+
+        def owner(row: Row[Any]) -> AppKey:
+            return key_by_ref[tuple(row._mapping[c] for c in columns)]
+
         if dependent.policy == "restrict":
-            blocked = sorted({key_by_ref[row._mapping[dependent.column]] for row in rows})
+            blocked = sorted({owner(row) for row in rows})
             log.warning(
                 "%d app(s) kept: rows in %s point at them and its policy is restrict (%s)",
                 len(blocked),
@@ -367,19 +383,21 @@ class Store:
             return blocked
         action = "dependent_deleted" if dependent.policy == "delete" else "dependent_nullified"
         for row in rows:
-            journal.add(action, dependent.table, row, key_by_ref[row._mapping[dependent.column]])
+            journal.add(action, dependent.table, row, owner(row))
         if not dry_run:
             pk_cols = list(dependent.table.primary_key.columns)
             where = (
                 pk_cols[0].in_([row._mapping[pk_cols[0]] for row in rows])
                 if len(pk_cols) == 1
-                else dependent.column.in_(list(key_by_ref))
+                else pointing
             )
             if dependent.policy == "delete":
                 connection.execute(sa.delete(dependent.table).where(where))
             else:
                 connection.execute(
-                    sa.update(dependent.table).where(where).values({dependent.column.name: None})
+                    sa.update(dependent.table)
+                    .where(where)
+                    .values({column.name: None for column in columns})
                 )
         return []
 
@@ -452,10 +470,29 @@ class Store:
             finished < db.to_db_time(cutoff),
         )
 
+    def _purgeable_condition(self, cutoff: datetime) -> ColumnElement[bool]:
+        """Old, and no row of another table points at it (a purge must not break that key)."""
+        host = self.host
+        condition = self.old_task_condition(cutoff)
+        for dependent in host.task_dependents:
+            referrer = dependent.table.alias(f"referrer_{dependent.table.name}")
+            condition = sa.and_(
+                condition,
+                ~sa.exists().where(
+                    *(
+                        referrer.c[column.name] == reference
+                        for column, reference in zip(
+                            dependent.columns, dependent.references, strict=True
+                        )
+                    )
+                ),
+            )
+        return condition
+
     def count_old_tasks(self, cutoff: datetime) -> int:
         """How many tasks :meth:`purge_old_tasks` would delete now."""
         host = self.host
-        old = self.old_task_condition(cutoff)
+        old = self._purgeable_condition(cutoff)
         parent = host.parent_col
         with self.reader.connect() as connection:
             if parent is None:
@@ -504,7 +541,7 @@ class Store:
     def _purge_batch(self, cutoff: datetime, source: str, now: datetime) -> int:
         host = self.host
         task_id = host.task_col("id")
-        condition = self.old_task_condition(cutoff)
+        condition = self._purgeable_condition(cutoff)
         parent = host.parent_col
         if parent is not None:
             child = host.tasks.alias("child")

@@ -253,3 +253,47 @@ def test_restrict_blocks_removal_from_the_reactor_path_too(
     }
     assert after[scenario.job_pk["a2-working"]]["state"] == WORKING
     assert ABORTED not in {r["state"] for r in after.values() if r["app_no"] == BLOCKED}
+
+
+def test_composite_foreign_keys_and_rows_pointing_at_tasks(
+    engine: Engine, database_url: str, apps_root: Path, tmp_path: Path, now: datetime
+) -> None:
+    """A composite FK to the apps table gets dependents_policy; a task some other row points at
+    is kept by the purge (which would otherwise fail on that key every time)."""
+    create_host_schema(engine)
+    with engine.begin() as connection:
+        connection.execute(sa.text(
+            "CREATE TABLE app_files (id INTEGER PRIMARY KEY, slug VARCHAR(200) NOT NULL,"
+            " num INTEGER NOT NULL, name VARCHAR(50) NOT NULL, CONSTRAINT fk_files_app"
+            " FOREIGN KEY (slug, num) REFERENCES apps (slug, num))"
+        ))
+        connection.execute(sa.text(
+            "CREATE TABLE job_results (id INTEGER PRIMARY KEY, job_pk INTEGER NOT NULL,"
+            " CONSTRAINT fk_results_job FOREIGN KEY (job_pk) REFERENCES jobs (pk))"
+        ))
+    settings = _settings(tmp_path, apps_root, database_url)
+    scenario = build_scenario(engine, apps_root, now)
+    with engine.begin() as connection:
+        connection.execute(sa.text(
+            "INSERT INTO app_files (id, slug, num, name) VALUES (1, :s, :n, 'index.html'),"
+            " (2, :s, 1, 'kept.html')"
+        ), {"s": SLUG, "n": TAGGED})
+        connection.execute(sa.text(
+            "INSERT INTO job_results (id, job_pk) VALUES (1, :a), (2, :b)"
+        ), {"a": scenario.job_pk["old-done"], "b": scenario.job_pk["c1a"]})
+    store = Store(engine, settings.schema, batch_size=3)
+    store.ensure_tool_tables()
+    assert {d.name: d.policy for d in store.host.dependents}["app_files.slug+num"] == "delete"
+
+    dry = Sweeper(store, settings, instance_id="test").run(now=now, dry_run=True)
+    real = Sweeper(store, settings, instance_id="test").run(now=now)
+    assert real.counts() == dry.counts() == {
+        "orphan_apps": 2, "orphan_tasks": 3, "stuck_tasks": 2, "old_tasks": 3, "blocked_apps": 1,
+    }
+    with engine.connect() as connection:
+        files = connection.execute(sa.text("SELECT id FROM app_files")).scalars().all()
+    assert list(files) == [2]
+    entry = _journal(engine, action="dependent_deleted", table_name="app_files")
+    assert len(entry) == 1 and json.loads(entry[0]["before_image"])["name"] == "index.html"
+    # old-done and c1a are pointed at, so they (and c1a's parent p1) stay; c1b goes.
+    assert set(job_states(engine)) == set(EXPECTED_STATES) | {"old-done", "c1a", "p1"}
