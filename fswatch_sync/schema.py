@@ -186,6 +186,8 @@ class SchemaConfig:
             kwargs["apps"] = _dataclass_from(
                 AppColumns, "schema.apps_columns", data.pop("apps_columns")
             )
+        if "cancel_message" in kwargs:
+            _check_template("schema.cancel_message", kwargs["cancel_message"])
         if "tasks_columns" in data:
             kwargs["tasks"] = _dataclass_from(
                 TaskColumns,
@@ -227,6 +229,18 @@ def _policy(setting: str, raw: Any) -> str:
     if raw not in DEPENDENT_POLICIES:
         raise SettingsError(setting, f"{raw!r} is not one of {', '.join(DEPENDENT_POLICIES)}")
     return str(raw)
+def _check_template(setting: str, template: str) -> None:
+    """A cancel message may name {model_slug} and {app_number}; anything else would only fail
+    later, inside every removal."""
+    try:
+        template.format(model_slug="slug", app_number=1)
+    except (KeyError, IndexError, ValueError, AttributeError) as exc:
+        raise SettingsError(
+            setting, f"{template!r} is not a template of {{model_slug}} and {{app_number}}"
+            f" ({type(exc).__name__}: {exc})"
+        ) from None
+
+
 
 
 def _dataclass_from(

@@ -42,6 +42,7 @@ from hostlike import (
 from sqlalchemy.engine import Engine
 
 from fswatch_sync import cli
+from fswatch_sync.errors import SettingsError
 from fswatch_sync.hostschema import reflect_host_tables
 from fswatch_sync.layout import AppKey
 from fswatch_sync.schema import SchemaConfig, journal_table
@@ -297,3 +298,14 @@ def test_composite_foreign_keys_and_rows_pointing_at_tasks(
     assert len(entry) == 1 and json.loads(entry[0]["before_image"])["name"] == "index.html"
     # old-done and c1a are pointed at, so they (and c1a's parent p1) stay; c1b goes.
     assert set(job_states(engine)) == set(EXPECTED_STATES) | {"old-done", "c1a", "p1"}
+
+
+@pytest.mark.parametrize("template", ["gone: {model}", "gone: {0}", "gone: {app_number:q}", "{"])
+def test_a_cancel_message_that_cannot_be_formatted_is_a_settings_error(template: str) -> None:
+    with pytest.raises(SettingsError, match=r"schema\.cancel_message"):
+        SchemaConfig.from_mapping({"cancel_message": template})
+
+
+def test_a_good_cancel_message_is_accepted() -> None:
+    config = SchemaConfig.from_mapping({"cancel_message": "{model_slug}/app{app_number:d} gone"})
+    assert config.cancel_message == "{model_slug}/app{app_number:d} gone"
