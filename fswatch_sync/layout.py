@@ -100,19 +100,40 @@ def _is_real_dir(path: Path) -> bool:
         return False
 
 
+# Errors that prove a path is not there. Any other (EACCES, EIO, ESTALE...) proves nothing.
+_ABSENT = (FileNotFoundError, NotADirectoryError)
+
+
+def _dir_state(path: Path, *, follow: bool) -> bool | None:
+    """True: a directory; False: provably not one (absent, a file, a symlink); None: unknown."""
+    try:
+        mode = (os.stat if follow else os.lstat)(path).st_mode
+    except _ABSENT:
+        return False
+    except ValueError:
+        return False
+    except OSError:
+        return None
+    return stat.S_ISDIR(mode)
+
+
 def app_exists(root: Path, key: AppKey) -> bool:
-    """True when the app's directory is a real directory (no symlink below the root).
+    """False only when the app's directory is provably not there as a real directory.
 
     The root itself may be a symlink (to a mounted volume, say), exactly as :func:`scan_apps`
-    follows it; the model and app directories below it must be real directories.
+    follows it; the model and app directories below it must be real directories. A path that
+    cannot be examined (permission denied, I/O error) is not proof of absence: it counts as
+    present, so nothing is removed on the strength of an error.
     """
     directory = app_dir(root, key)
-    return (
-        directory is not None
-        and os.path.isdir(root)
-        and _is_real_dir(directory.parent)
-        and _is_real_dir(directory)
+    if directory is None:
+        return False
+    states = (
+        _dir_state(root, follow=True),
+        _dir_state(directory.parent, follow=False),
+        _dir_state(directory, follow=False),
     )
+    return False not in states
 
 
 def root_present(root: Path, marker: str = "") -> bool:
@@ -140,23 +161,64 @@ def model_dirs(root: Path) -> Iterator[str]:
     return (name for name in _real_subdirs(root) if is_safe_slug(name))
 
 
-def scan_apps(root: Path, slugs: Iterable[str] | None = None) -> set[AppKey]:
+def _list_subdirs(directory: Path | str) -> list[str] | None:
+    """Names of the real subdirectories; [] when the directory is not there; None when it
+    could not be listed (permission denied, I/O error), which proves nothing about its apps."""
+    names: list[str] = []
+    try:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    names.append(entry.name)
+    except _ABSENT:
+        return []
+    except OSError:
+        return None
+    return names
+
+
+class Scan(NamedTuple):
+    """What one scan of the tree saw."""
+
+    present: set[AppKey]
+    # Model directories that exist but could not be listed: their apps are of unknown presence.
+    unreadable: frozenset[str]
+    # False when the root itself could not be listed: nothing is known about any app.
+    root_listed: bool
+
+
+def scan_tree(root: Path, slugs: Iterable[str] | None = None) -> Scan:
     """Every app directory present under the root: one ``scandir`` per model directory.
 
     ``slugs`` limits the scan to those model directories; one that could escape the root or is
     not a real directory (a symlink, say) is skipped, exactly as a full scan would skip it.
     """
     present: set[AppKey] = set()
+    unreadable: set[str] = set()
     if slugs is None:
-        chosen: Iterable[str] = model_dirs(root)
+        listed = _list_subdirs(root)
+        if listed is None:
+            return Scan(set(), frozenset(), root_listed=False)
+        chosen: Iterable[str] = (name for name in listed if is_safe_slug(name))
     else:
-        chosen = (s for s in slugs if is_safe_slug(s) and _is_real_dir(root / s))
+        chosen = (
+            slug for slug in slugs if is_safe_slug(slug) and _dir_state(root / slug, follow=False)
+        )
     for slug in chosen:
-        for name in _real_subdirs(os.path.join(root, slug)):
+        names = _list_subdirs(os.path.join(root, slug))
+        if names is None:
+            unreadable.add(slug)
+            continue
+        for name in names:
             number = parse_app_dir_name(name)
             if number is not None:
                 present.add(AppKey(slug, number))
-    return present
+    return Scan(present, frozenset(unreadable), root_listed=True)
+
+
+def scan_apps(root: Path, slugs: Iterable[str] | None = None) -> set[AppKey]:
+    """The app directories :func:`scan_tree` finds (unreadable directories contribute none)."""
+    return scan_tree(root, slugs).present
 
 
 def any_app_dir(root: Path) -> bool:

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 from fswatch_sync import announce, db, signals
 from fswatch_sync.errors import SweepRefused
-from fswatch_sync.layout import AppKey, app_exists, root_present, scan_apps
+from fswatch_sync.layout import AppKey, Scan, app_exists, root_present, scan_tree
 from fswatch_sync.records import Lease, SweepLog
 from fswatch_sync.settings import Settings
 from fswatch_sync.store import ActiveTask, AppRow, RemovalOutcome, Store, TaskChange
@@ -45,6 +45,7 @@ class SweepReport:
     kept_present: int = 0
     app_rows: int = 0
     app_dirs: int = 0
+    unreadable_dirs: int = 0
     refused: str | None = None
     started_at: datetime | None = None
     duration_seconds: float = 0.0
@@ -71,6 +72,7 @@ class SweepReport:
             "kept_present": self.kept_present,
             "app_rows": self.app_rows,
             "app_dirs": self.app_dirs,
+            "unreadable_dirs": self.unreadable_dirs,
             "started_at": self.started_at.isoformat() if self.started_at else None,
             "duration_seconds": round(self.duration_seconds, 3),
         }
@@ -80,14 +82,22 @@ class SweepReport:
 
 
 def orphan_candidates(
-    present: set[AppKey], rows: Iterable[AppRow], now: datetime, grace: timedelta
+    present: set[AppKey],
+    rows: Iterable[AppRow],
+    now: datetime,
+    grace: timedelta,
+    unknown_slugs: Iterable[str] = (),
 ) -> list[AppKey]:
-    """App rows without a directory, except rows younger than the grace (NULL counts as old)."""
+    """App rows without a directory, except rows younger than the grace (NULL counts as old)
+    and rows in a model directory that could not be listed (absence not proven)."""
     young_after = now - grace
+    unknown = frozenset(unknown_slugs)
     return sorted(
         row.key
         for row in rows
-        if row.key not in present and (row.created_at is None or row.created_at <= young_after)
+        if row.key not in present
+        and row.key.model_slug not in unknown
+        and (row.created_at is None or row.created_at <= young_after)
     )
 
 
@@ -243,12 +253,24 @@ class Sweeper:
         settings, store = self.settings, self.store.with_commit_check(self.lease.check_and_extend)
         root = settings.root
         root_ok = root_present(root, settings.root_marker)
-        present = scan_apps(root) if root_ok else set()
+        scan = scan_tree(root) if root_ok else Scan(set(), frozenset(), root_listed=False)
+        # A root that cannot be listed tells nothing about any app: treated as missing.
+        root_ok = root_ok and scan.root_listed
+        present = scan.present
+        if scan.unreadable:
+            log.warning(
+                "%d model directories could not be listed; their apps are left alone: %s",
+                len(scan.unreadable),
+                ", ".join(sorted(scan.unreadable)[:5]),
+            )
         rows = store.app_rows()
         report.app_rows, report.app_dirs = len(rows), len(present)
+        report.unreadable_dirs = len(scan.unreadable)
         grace = timedelta(minutes=settings.app_grace_minutes)
         candidates = (
-            orphan_candidates(present, rows, now, grace) if settings.cleanup_orphan_apps else []
+            orphan_candidates(present, rows, now, grace, scan.unreadable)
+            if settings.cleanup_orphan_apps
+            else []
         )
         refusal = guard(
             root_ok=root_ok,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -20,6 +21,7 @@ from fswatch_sync.layout import (
     parse_app_dir_name,
     root_present,
     scan_apps,
+    scan_tree,
     slug_for_path,
 )
 
@@ -274,3 +276,63 @@ def test_root_present_and_marker(tmp_path: Path) -> None:
     assert root_present(root, ".mounted")
     (tmp_path / "file").write_text("")
     assert not root_present(tmp_path / "file")
+
+
+# -- what cannot be read is not absent ----------------------------------------------------------
+
+
+def _deny(
+    monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    denied: Path,
+    error: int = 13,
+    *,
+    below: bool = False,
+) -> None:
+    """Make ``os.<name>`` fail with ``error`` (EACCES) for ``denied`` (and, with ``below``, for
+    every path under it, as when a directory has no search permission)."""
+    real = getattr(os, name)
+
+    def fake(path: Any, *args: Any, **kwargs: Any) -> Any:
+        text = os.fspath(path)
+        if text == os.fspath(denied) or (below and text.startswith(os.fspath(denied) + "/")):
+            raise OSError(error, os.strerror(error), text)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, name, fake)
+
+
+def test_a_model_directory_that_cannot_be_listed_is_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "apps"
+    _mkdirs(root, "open/app1", "locked/app2", "locked/app3")
+    _deny(monkeypatch, "scandir", root / "locked")
+    scan = scan_tree(root)
+    assert scan.present == {AppKey("open", 1)}
+    assert scan.unreadable == {"locked"}
+    assert scan.root_listed
+    assert scan_tree(root, ["locked", "missing"]).unreadable == {"locked"}
+
+
+def test_a_root_that_cannot_be_listed_is_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "apps"
+    _mkdirs(root, "m/app1")
+    _deny(monkeypatch, "scandir", root, error=5)  # EIO
+    scan = scan_tree(root)
+    assert not scan.root_listed
+    assert scan.present == set()
+
+
+def test_app_exists_is_false_only_when_absence_is_proven(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "apps"
+    _mkdirs(root, "m/app1")
+    _deny(monkeypatch, "lstat", root / "m" / "app1")
+    assert app_exists(root, AppKey("m", 1))  # cannot tell: not proven absent
+    _deny(monkeypatch, "lstat", root / "m", below=True)  # m cannot be searched
+    assert app_exists(root, AppKey("m", 2))
+    assert not app_exists(root, AppKey("other", 1))  # ENOENT: proven absent

@@ -15,10 +15,12 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from fswatch_sync import db
+from fswatch_sync.errors import SweepRefused
 from fswatch_sync.layout import AppKey
 from fswatch_sync.schema import journal_table
 from fswatch_sync.settings import Settings
@@ -369,3 +371,54 @@ def test_each_pass_can_be_switched_off(
     assert (off.stuck_running, off.stuck_pending) == (3, 1)
     assert report_counts(sweep(cleanup_stuck_tasks=False)) == {**EXPECTED, "stuck_tasks": 0}
     assert report_counts(sweep(cleanup_old_tasks=False)) == {**EXPECTED, "old_tasks": 0}
+
+
+def _deny_listing(monkeypatch: pytest.MonkeyPatch, denied: Path) -> None:
+    """``os.scandir`` of ``denied`` fails with EACCES, as for a directory of another user."""
+    real = os.scandir
+
+    def fake(path: Any) -> Any:
+        if os.fspath(path) == os.fspath(denied):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", fake)
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_what_cannot_be_listed_is_not_absent(
+    engine: Engine,
+    database_url: str,
+    apps_root: Path,
+    now: datetime,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = Store(engine)
+    store.init_db()
+    for name in ("open/app1", "locked/app3", "locked/app4"):
+        (apps_root / name).mkdir(parents=True)
+    keys = [AppKey("open", 1), AppKey("open", 2), AppKey("locked", 3), AppKey("locked", 4),
+            AppKey("locked", 5)] + [AppKey("other", n) for n in range(10)]
+    for key in keys[5:]:
+        (apps_root / key.model_slug / f"app{key.app_number}").mkdir(parents=True)
+    apps = store.host.apps  # reflect before the write transaction takes SQLite's lock
+    with engine.begin() as connection:
+        connection.execute(
+            sa.insert(apps),
+            [{"model_slug": k.model_slug, "app_number": k.app_number,
+              "created_at": db.to_db_time(now - DAY)} for k in keys],
+        )
+    _deny_listing(monkeypatch, apps_root / "locked")
+    report = make_sweeper(store, apps_root, database_url).run(now=now)
+    assert report.removed == [AppKey("open", 2)]
+    assert report.unreadable_dirs == 1
+    assert app_keys(store) == set(keys) - {AppKey("open", 2)}
+
+    # A root that cannot be listed is as good as missing: refused, even forced.
+    _deny_listing(monkeypatch, apps_root)
+    before = dump(engine)
+    with pytest.raises(SweepRefused, match="missing"):
+        make_sweeper(store, apps_root, database_url).run(now=now, force=True)
+    assert {t: r for t, r in dump(engine).items() if t not in BOOKKEEPING} == {
+        t: r for t, r in before.items() if t not in BOOKKEEPING
+    }
