@@ -23,6 +23,7 @@ from fswatch_sync.errors import (
     SettingsError,
     SweepRefused,
 )
+from fswatch_sync.layout import is_safe_slug, parse_app_dir_name
 from fswatch_sync.settings import SPECS, Settings, load_settings, redact_url
 from fswatch_sync.store import Store
 from fswatch_sync.sweep import Sweeper, SweepReport
@@ -113,9 +114,10 @@ def _selection(args: argparse.Namespace) -> journal.Selection:
     app = None
     if args.app:
         slug, _, name = args.app.rpartition("/")
-        if not slug or not name.startswith("app") or not name[3:].isdigit():
+        number = parse_app_dir_name(name)
+        if number is None or not is_safe_slug(slug):
             raise SettingsError("--app", f"{args.app!r} is not SLUG/appN")
-        app = (slug, int(name[3:]))
+        app = (slug, number)
     return journal.Selection(
         ids=ids,
         batch_id=args.batch,

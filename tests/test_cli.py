@@ -408,3 +408,30 @@ def test_sweep_report_json_keys() -> None:
     assert all(type(data[key]) is int for key in REPORT_KEYS)
     assert data["dry_run"] is True
     json.dumps(data)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("openai_gpt-4/app123", ("openai_gpt-4", 123)),
+        ("m/app0", ("m", 0)),
+        ("m/app01", None),
+        ("m/app\u0661", None),  # a Unicode digit is not a plain decimal
+        ("m/app", None),
+        ("app1", None),
+        ("../app1", None),
+        ("a/b/app1", None),
+    ],
+)
+def test_journal_app_selection_uses_the_layout_rules(
+    text: str, expected: tuple[str, int] | None
+) -> None:
+    from fswatch_sync import cli as cli_module
+    from fswatch_sync.errors import SettingsError
+
+    args = cli_module.build_parser().parse_args(["journal", "--app", text])
+    if expected is None:
+        with pytest.raises(SettingsError, match="--app"):
+            cli_module._selection(args)
+    else:
+        assert cli_module._selection(args).app == expected
