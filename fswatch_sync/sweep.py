@@ -208,7 +208,9 @@ class Sweeper:
         # The lease first: taking it may wait for the previous holder's last transaction, and
         # the recorded started_at must not precede the moment this sweep held the lease.
         self.lease.acquire_or_raise()
-        moment = now or db.utcnow()
+        # Every age is judged against ``now``; a naive value is read as UTC, like the database's.
+        moment = db.utcnow() if now is None else db.from_db_time(now)
+        assert moment is not None
         clock = time.monotonic()
         report = SweepReport(dry_run=dry_run, forced=force, started_at=moment)
         try:

@@ -422,3 +422,20 @@ def test_what_cannot_be_listed_is_not_absent(
     assert {t: r for t, r in dump(engine).items() if t not in BOOKKEEPING} == {
         t: r for t, r in before.items() if t not in BOOKKEEPING
     }
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_a_naive_now_is_read_as_utc(
+    engine: Engine, database_url: str, apps_root: Path, now: datetime
+) -> None:
+    store = Store(engine)
+    store.init_db()
+    build_tree(apps_root)
+    insert_rows(store, now)
+    naive = db.to_db_time(now)
+    assert naive.tzinfo is None
+    dry = make_sweeper(store, apps_root, database_url).run(now=naive, dry_run=True)
+    assert report_counts(dry) == EXPECTED
+    real = make_sweeper(store, apps_root, database_url).run(now=naive)
+    assert report_counts(real) == EXPECTED
+    assert task_rows(store)["run-stuck"]["completed_at"] == naive
