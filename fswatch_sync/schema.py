@@ -24,6 +24,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
+from sqlalchemy.dialects import mysql
 from sqlalchemy.sql.schema import SchemaItem
 
 from fswatch_sync.errors import SettingsError
@@ -36,13 +37,16 @@ tool_metadata = MetaData()
 
 # SQLite only auto-increments an INTEGER PRIMARY KEY; BigInteger elsewhere.
 _JournalId = BigInteger().with_variant(Integer(), "sqlite")
+# MySQL/MariaDB keep whole seconds in a plain DATETIME: a lease would expire up to a second
+# early and the sweep history could not order sweeps; microseconds, as on the others.
+_Time = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 
 journal_table = Table(
     "fswatch_sync_journal",
     tool_metadata,
     Column("id", _JournalId, primary_key=True, autoincrement=True),
     Column("batch_id", String(36), nullable=False),
-    Column("at", DateTime(), nullable=False),
+    Column("at", _Time, nullable=False),
     Column("action", String(40), nullable=False),
     Column("source", String(20), nullable=False),
     Column("table_name", String(200), nullable=False),
@@ -52,7 +56,7 @@ journal_table = Table(
     Column("old_status", String(40), nullable=True),
     Column("new_status", String(40), nullable=True),
     Column("before_image", Text, nullable=True),
-    Column("restored_at", DateTime(), nullable=True),
+    Column("restored_at", _Time, nullable=True),
     Index("ix_fswatch_sync_journal_at", "at"),
     Index("ix_fswatch_sync_journal_app", "model_slug", "app_number"),
 )
@@ -63,8 +67,8 @@ sweeps_table = Table(
     Column("id", _JournalId, primary_key=True, autoincrement=True),
     Column("instance_id", String(64), nullable=False),
     Column("trigger", String(20), nullable=False),
-    Column("started_at", DateTime(), nullable=False),
-    Column("finished_at", DateTime(), nullable=True),
+    Column("started_at", _Time, nullable=False),
+    Column("finished_at", _Time, nullable=True),
     Column("dry_run", Boolean, nullable=False),
     Column("forced", Boolean, nullable=False),
     Column("outcome", String(20), nullable=False),
@@ -83,9 +87,9 @@ instances_table = Table(
     Column("instance_id", String(64), primary_key=True),
     Column("hostname", String(255), nullable=False),
     Column("pid", Integer, nullable=False),
-    Column("started_at", DateTime(), nullable=False),
-    Column("heartbeat_at", DateTime(), nullable=False),
-    Column("stopped_at", DateTime(), nullable=True),
+    Column("started_at", _Time, nullable=False),
+    Column("heartbeat_at", _Time, nullable=False),
+    Column("stopped_at", _Time, nullable=True),
     Column("state", String(20), nullable=False),
     Column("root", Text, nullable=False),
     Column("stats", Text, nullable=True),
@@ -96,8 +100,8 @@ leases_table = Table(
     tool_metadata,
     Column("name", String(64), primary_key=True),
     Column("holder", String(64), nullable=False),
-    Column("acquired_at", DateTime(), nullable=False),
-    Column("expires_at", DateTime(), nullable=False),
+    Column("acquired_at", _Time, nullable=False),
+    Column("expires_at", _Time, nullable=False),
 )
 
 
@@ -182,12 +186,12 @@ class SchemaConfig:
         for name in ("apps_table", "tasks_table", "cancel_message"):
             if name in data:
                 kwargs[name] = _name(f"schema.{name}", data.pop(name))
+        if "cancel_message" in kwargs:
+            _check_template("schema.cancel_message", kwargs["cancel_message"])
         if "apps_columns" in data:
             kwargs["apps"] = _dataclass_from(
                 AppColumns, "schema.apps_columns", data.pop("apps_columns")
             )
-        if "cancel_message" in kwargs:
-            _check_template("schema.cancel_message", kwargs["cancel_message"])
         if "tasks_columns" in data:
             kwargs["tasks"] = _dataclass_from(
                 TaskColumns,
@@ -225,10 +229,6 @@ def _name(setting: str, raw: Any) -> str:
     return raw
 
 
-def _policy(setting: str, raw: Any) -> str:
-    if raw not in DEPENDENT_POLICIES:
-        raise SettingsError(setting, f"{raw!r} is not one of {', '.join(DEPENDENT_POLICIES)}")
-    return str(raw)
 def _check_template(setting: str, template: str) -> None:
     """A cancel message may name {model_slug} and {app_number}; anything else would only fail
     later, inside every removal."""
@@ -241,6 +241,10 @@ def _check_template(setting: str, template: str) -> None:
         ) from None
 
 
+def _policy(setting: str, raw: Any) -> str:
+    if raw not in DEPENDENT_POLICIES:
+        raise SettingsError(setting, f"{raw!r} is not one of {', '.join(DEPENDENT_POLICIES)}")
+    return str(raw)
 
 
 def _dataclass_from(
