@@ -62,6 +62,7 @@ class Task:
 A1, A2, A3 = AppKey("m1", 1), AppKey("m1", 2), AppKey("m2", 3)
 A4, A5 = AppKey("m2", 4), AppKey("m2", 5)
 FILE_APP, LINK_APP = AppKey("m1", 10), AppKey("m1", 12)
+ESCAPING = AppKey("../outside", 1)  # root/../outside/app1 exists, but outside the root
 GHOST, NO_SUCH_APP, DIR_NO_ROW = AppKey("ghost", 9), AppKey("m1", 99), AppKey("m3", 9)
 
 GONE = "target app is gone"
@@ -76,6 +77,7 @@ APPS = [
     App(A5, 10 * MIN, "missing", kept=False),  # exactly the grace: no longer younger
     App(FILE_APP, DAY, "file", kept=False),  # a file named app10 is not an app directory
     App(LINK_APP, DAY, "symlink", kept=False),  # a symlink to app1 is not app12's directory
+    App(ESCAPING, DAY, "outside", kept=False),  # a slug that escapes the root is simply absent
     App(AppKey("m3", 6), DAY, "dir", kept=True),
     App(AppKey("m3", 7), DAY, "dir", kept=True),
     App(AppKey("m3", 8), None, "dir", kept=True),  # NULL created_at, present
@@ -115,6 +117,8 @@ TASKS = [
     Task("a4-pending", A4, "pending", 5 * MIN),  # its app is young: kept
     Task("a5-pending", A5, "pending", 9 * MIN, outcome="cancelled", message=GONE),
     Task("link-pending", LINK_APP, "pending", 1 * MIN, outcome="cancelled", message=GONE),
+    Task("escaping-running", ESCAPING, "running", 2 * MIN, 1 * MIN, outcome="cancelled",
+         message=GONE),
     # -- tasks whose target has no row at all -------------------------------------------------
     Task("ghost-pending", GHOST, "pending", 1 * MIN, outcome="cancelled", message=GONE),
     Task(
@@ -131,8 +135,8 @@ TASKS = [
 ]
 
 EXPECTED = {
-    "orphan_apps": 5,  # A2, A3, A5, FILE_APP, LINK_APP
-    "orphan_tasks": 9,  # 5 cancelled with their apps + 4 without any row
+    "orphan_apps": 6,  # A2, A3, A5, FILE_APP, LINK_APP, ESCAPING
+    "orphan_tasks": 10,  # 6 cancelled with their apps + 4 without any row
     "stuck_tasks": 3,  # 2 running failed + 1 pending cancelled
     "old_tasks": 5,
 }
@@ -152,6 +156,8 @@ def build_tree(root: Path) -> None:
             path.write_text("not a directory")
         elif app.on_disk == "symlink":
             os.symlink(root / "m1" / "app1", path)
+        elif app.on_disk == "outside":
+            path.mkdir(parents=True)
     (root / DIR_NO_ROW.model_slug / f"app{DIR_NO_ROW.app_number}").mkdir(parents=True)
 
 
@@ -336,8 +342,8 @@ def test_every_sweep_rule(
                     " FROM fswatch_sync_sweeps ORDER BY id")
         ).all()
     assert [(bool(h[0]), h[1], *h[2:]) for h in history] == [
-        (True, "dry-run", 5, 9, 3, 5),
-        (False, "ok", 5, 9, 3, 5),
+        (True, "dry-run", 6, 10, 3, 5),
+        (False, "ok", 6, 10, 3, 5),
         (True, "dry-run", 0, 0, 0, 0),
         (False, "ok", 0, 0, 0, 0),
     ]
@@ -364,10 +370,11 @@ def test_each_pass_can_be_switched_off(
         "orphan_tasks": 4,
         "stuck_tasks": 4,
     }
+    assert AppKey("../outside", 1) in {row.key for row in store.app_rows()}
     # Without the orphan-tasks pass, only the removed apps' tasks are cancelled (with their
     # apps); a rowless task that is also stuck is still failed by the stuck pass.
     off = sweep(cleanup_orphan_tasks=False)
-    assert report_counts(off) == {**EXPECTED, "orphan_tasks": 5, "stuck_tasks": 4}
+    assert report_counts(off) == {**EXPECTED, "orphan_tasks": 6, "stuck_tasks": 4}
     assert (off.stuck_running, off.stuck_pending) == (3, 1)
     assert report_counts(sweep(cleanup_stuck_tasks=False)) == {**EXPECTED, "stuck_tasks": 0}
     assert report_counts(sweep(cleanup_old_tasks=False)) == {**EXPECTED, "old_tasks": 0}
