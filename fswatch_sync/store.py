@@ -2,8 +2,9 @@
 
 There is one way to remove an app (:meth:`Store.remove_apps`) and one way to change a task's
 status (:func:`_set_task_status`); the reactor and every sweep pass go through them. Each batch is
-one transaction holding at most ``batch_size`` rows of each kind, retried as a whole on
-transient errors, and journalled with the before-image of every row it changes.
+one transaction, retried as a whole on transient errors, and journalled with the before-image of
+every row it changes. A batch holds at most ``batch_size`` apps (with all their active tasks and
+dependent rows, which must change with them), or ``batch_size`` tasks for the task passes.
 """
 
 from __future__ import annotations
