@@ -528,33 +528,53 @@ class Store:
     def purge_old_tasks(self, cutoff: datetime, *, source: str, now: datetime) -> int:
         """Delete terminal tasks finished before ``cutoff``, a batch per transaction.
 
-        With sub-tasks, a parent goes only once it has no child left, so a batch never breaks a
-        foreign key from a child to its parent.
+        One read (no lock) lists the candidates in id order; each batch then re-reads its share
+        under lock with the full condition, so a task that changed since is left alone. The
+        table is searched once per round, not once per batch. With sub-tasks, a parent goes only
+        once it has no child left, so a batch never breaks a foreign key from a child to its
+        parent: rounds go on while the previous one deleted something.
         """
+        host = self.host
+        task_id = host.task_col("id")
+        condition = self._purge_batch_condition(cutoff)
         total = 0
         batch = self._retry(self._purge_batch)
         while True:
-            deleted = batch(cutoff, source, now)
+            with self.reader.connect() as connection:
+                pks = list(
+                    connection.execute(
+                        sa.select(task_id).where(condition).order_by(task_id)
+                    ).scalars()
+                )
+            deleted = 0
+            for part in chunks(pks, self.batch_size):
+                deleted += batch(part, condition, source, now)
             total += deleted
-            if deleted == 0:
+            if deleted == 0 or host.parent_col is None:
                 return total
 
-    def _purge_batch(self, cutoff: datetime, source: str, now: datetime) -> int:
+    def _purge_batch_condition(self, cutoff: datetime) -> ColumnElement[bool]:
         host = self.host
-        task_id = host.task_col("id")
         condition = self._purgeable_condition(cutoff)
         parent = host.parent_col
         if parent is not None:
             child = host.tasks.alias("child")
             condition = sa.and_(
                 condition,
-                ~sa.exists().where(child.c[parent.name] == task_id),
+                ~sa.exists().where(child.c[parent.name] == host.task_col("id")),
             )
+        return condition
+
+    def _purge_batch(
+        self, pks: Sequence[Any], condition: ColumnElement[bool], source: str, now: datetime
+    ) -> int:
+        host = self.host
+        task_id = host.task_col("id")
         journal = _Journal(source, now)
         with self._write() as connection:
             rows = connection.execute(
                 self._locked(
-                    sa.select(host.tasks).where(condition).order_by(task_id).limit(self.batch_size),
+                    sa.select(host.tasks).where(task_id.in_(pks), condition).order_by(task_id),
                     connection,
                 )
             ).all()
