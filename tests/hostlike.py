@@ -9,7 +9,6 @@ sub-tasks (``jobs.parent_pk -> jobs.pk``).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -266,10 +265,6 @@ def table_names(engine: Engine) -> set[str]:
 
 def at(now: datetime, **delta: float) -> datetime:
     return now - timedelta(**delta)
-
-
-def as_mapping(value: Mapping[str, Any]) -> dict[str, Any]:
-    return dict(value)
 
 
 SLUG = "m1"
