@@ -16,7 +16,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
 from fswatch_sync.errors import LeaseUnavailable, SettingsError, SweepRefused
-from fswatch_sync.settings import Settings, parse_bind
+from fswatch_sync.records import LeaseLost
+from fswatch_sync.settings import Settings, is_loopback, parse_bind
 from fswatch_sync.stats import SWEEP_DURATION_BUCKETS
 
 if TYPE_CHECKING:
@@ -90,14 +91,20 @@ def metrics_text(service: Service) -> tuple[bytes, str]:
     from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ServiceCollector(service))  # type: ignore[arg-type]
+    registry.register(ServiceCollector(service))
     return generate_latest(registry), CONTENT_TYPE_PLAIN_0_0_4
 
 
 def token_matches(expected: str, header: str | None) -> bool:
-    if not expected or not header or not header.startswith("Bearer "):
+    """Whether ``Authorization: Bearer <token>`` carries the expected token (never when none is
+    configured). The scheme is case-insensitive (RFC 9110); the token is compared in constant
+    time."""
+    if not expected or not header:
         return False
-    return hmac.compare_digest(header[len("Bearer "):].encode(), expected.encode())
+    scheme, _, given = header.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(given.strip().encode(), expected.encode())
 
 
 def _handler_for(service: Service, settings: Settings) -> type[BaseHTTPRequestHandler]:
@@ -109,6 +116,8 @@ def _handler_for(service: Service, settings: Settings) -> type[BaseHTTPRequestHa
 
         def _send(self, code: int, body: bytes, content_type: str = "application/json") -> None:
             self.send_response(code)
+            if code == 401:
+                self.send_header("WWW-Authenticate", 'Bearer realm="fswatch-sync"')
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -121,8 +130,8 @@ def _handler_for(service: Service, settings: Settings) -> type[BaseHTTPRequestHa
             path = self.path.split("?", 1)[0]
             if path == "/healthz":
                 healthy = service.running
-                self._json(200 if healthy else 503, {"ok": healthy,
-                                                     "watch_state": service.stats.get("watch_state")})
+                state = service.stats.get("watch_state")
+                self._json(200 if healthy else 503, {"ok": healthy, "watch_state": state})
             elif path == "/status":
                 self._json(200, service.status())
             elif path == "/metrics":
@@ -142,8 +151,12 @@ def _handler_for(service: Service, settings: Settings) -> type[BaseHTTPRequestHa
                 report = service.sweep_now(trigger="http")
             except SweepRefused as exc:
                 self._json(409, {"error": str(exc), "refused": True})
-            except LeaseUnavailable as exc:
+            except (LeaseUnavailable, LeaseLost) as exc:
                 self._json(409, {"error": str(exc)})
+            except Exception as exc:
+                log.exception("sweep requested over http failed")
+                self._json(500, {"error": str(exc).splitlines()[0] if str(exc) else
+                                 type(exc).__name__})
             else:
                 self._json(200, report.to_dict())
 
@@ -174,9 +187,17 @@ def serve(service: Service, settings: Settings) -> HttpServer:
             "http", "needs prometheus_client: pip install 'fswatch_sync[http]'"
         ) from None
     host, port = parse_bind("http", settings.http)
+    if not is_loopback(host) and not settings.http_token:
+        # load_settings refuses this already; a Settings built by hand meets the same rule.
+        raise SettingsError(
+            "http", f"binding {host!r} beyond loopback needs FSWATCH_SYNC_HTTP_TOKEN"
+        )
     server = ThreadingHTTPServer((host, port), _handler_for(service, settings))
     server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, name="fswatch-sync-http", daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="fswatch-sync-http",
+        daemon=True,
+    )
     thread.start()
     log.info("http endpoint on %s:%d", host, server.server_address[1])
     return HttpServer(server, thread)

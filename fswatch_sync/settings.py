@@ -194,10 +194,12 @@ def _http(setting: str, raw: Any) -> str:
 
 
 def parse_bind(setting: str, text: str) -> tuple[str, int]:
-    """Split ``HOST:PORT`` (``[::1]:PORT`` for IPv6) into a host and a port number."""
+    """Split ``HOST:PORT`` (``[::1]:PORT`` for IPv6) into a host and a port number.
+
+    Port 0 asks the system for a free port (the one chosen is logged)."""
     host, sep, port_text = text.rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) < 65536:
         raise SettingsError(setting, f"{text!r} is not HOST:PORT")
     return host, int(port_text)
 
