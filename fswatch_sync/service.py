@@ -20,7 +20,7 @@ from typing import Any
 
 from fswatch_sync import db, records, signals
 from fswatch_sync.errors import LeaseUnavailable, SweepRefused
-from fswatch_sync.layout import any_app_dir, root_present
+from fswatch_sync.layout import any_app_dir, root_present, scan_apps
 from fswatch_sync.reactor import Reactor
 from fswatch_sync.settings import Settings, describe
 from fswatch_sync.stats import Stats
@@ -31,6 +31,10 @@ from fswatch_sync.watcher import Watcher, choose_observer_kind
 log = logging.getLogger(__name__)
 
 MONITOR_SECONDS = 1.0
+# A root that comes back may still be filling (a backup being restored, a copy in progress): its
+# sweep waits until the number of app directories has held still this long, so that apps not yet
+# copied back are not taken for orphans.
+ROOT_SETTLE_SECONDS = 1.0
 STOP_JOIN_SECONDS = 4.0
 
 
@@ -67,6 +71,9 @@ class Service:
         self._watcher_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._root_state = "unknown"
+        # After the root comes back: (app directories counted, since when) until the count holds
+        # still for ROOT_SETTLE_SECONDS; then the root-back sweep runs.
+        self._root_back: tuple[int, float] | None = None
         self.observer_kind = choose_observer_kind(settings.observer, settings.root)
         self.sweeper = Sweeper(self.store, settings, instance_id=self.instance_id, sender=self)
         self.reactor = Reactor(
@@ -206,8 +213,13 @@ class Service:
 
     def _sweep_loop(self) -> None:
         next_at = time.monotonic() + self._next_period()
+        # A requested sweep that was skipped (another holder's lease, e.g. a killed instance's
+        # until it expires) or failed (database down) is tried again with backoff, never dropped.
+        retry_trigger: str | None = None
+        retry_at, backoff = float("inf"), 0.0
         while not self._stop.is_set():
-            fired = self._sweep_wanted.wait(timeout=max(next_at - time.monotonic(), 0.0))
+            wake_at = min(next_at, retry_at)
+            fired = self._sweep_wanted.wait(timeout=max(wake_at - time.monotonic(), 0.0))
             if self._stop.is_set():
                 return
             self._sweep_wanted.clear()
@@ -215,6 +227,8 @@ class Service:
                 triggers, self._triggers = self._triggers, []
             if triggers:
                 trigger = triggers[0]
+            elif retry_trigger is not None and time.monotonic() >= retry_at:
+                trigger = retry_trigger
             elif fired:
                 # A request already served by the sweep that just ran (its trigger was taken
                 # with that sweep's): not a reason for a periodic sweep now.
@@ -224,7 +238,12 @@ class Service:
                 if not self.settings.enabled or self._swept_recently():
                     continue
                 trigger = "periodic"
-            self._sweep_quietly(trigger)
+            if self._sweep_quietly(trigger):
+                retry_trigger, retry_at, backoff = None, float("inf"), 0.0
+            elif trigger != "periodic":  # a skipped periodic sweep is the other instance's turn
+                retry_trigger = retry_trigger or trigger
+                backoff = min(max(backoff * 2, 1.0), max(self.settings.lease_seconds / 2, 1.0))
+                retry_at = time.monotonic() + backoff
             next_at = time.monotonic() + self._next_period()
 
     def _swept_recently(self) -> bool:
@@ -236,16 +255,20 @@ class Service:
                 return age < timedelta(seconds=self.settings.interval_seconds / 2)
         return False
 
-    def _sweep_quietly(self, trigger: str) -> None:
+    def _sweep_quietly(self, trigger: str) -> bool:
+        """Sweep; False when the sweep was skipped or failed and should be tried again."""
         try:
             self.sweep_now(trigger=trigger)
         except LeaseUnavailable as exc:
-            log.info("sweep (%s) skipped: %s", trigger, exc)
+            log.info("sweep (%s) skipped: %s; trying again later", trigger, exc)
+            return False
         except SweepRefused:
             pass  # the sweeper logged why; nothing was changed
         except Exception:
             self.stats.add("errors")
-            log.exception("sweep (%s) failed; the next one will finish the job", trigger)
+            log.exception("sweep (%s) failed; trying again later", trigger)
+            return False
+        return True
 
     # -- watching the root ------------------------------------------------------------------------
 
@@ -272,6 +295,7 @@ class Service:
         if state == previous:
             return
         if problem is not None:
+            self._root_back = None
             self.reactor.discard_pending()
             detail = (
                 f"the root {self.settings.root} is missing or not mounted; removing nothing"
@@ -282,10 +306,26 @@ class Service:
             log.warning("%s", detail)
             signals.send(signals.watch_degraded, self, reason=problem, detail=detail)
         elif previous in ("root-missing", "root-empty"):
-            log.info("the root %s is back; watching again and sweeping", self.settings.root)
-            self.watcher.forget_root()
-            self.watcher.rewatch()
+            log.info(
+                "the root %s is back; watching again, sweeping once it stops filling",
+                self.settings.root,
+            )
+            with self._watcher_lock:
+                self.watcher.forget_root()
+                self.watcher.rewatch()
             signals.send(signals.watch_degraded, self, reason="recovered", detail="root is back")
+            self._root_back = (len(scan_apps(self.settings.root)), time.monotonic())
+
+    def _sweep_when_root_settled(self) -> None:
+        """Request the root-back sweep once the returned root has stopped filling."""
+        if self._root_back is None or self._root_state != "watching":
+            return
+        count, since = self._root_back
+        now_count = len(scan_apps(self.settings.root))
+        if now_count != count:
+            self._root_back = (now_count, time.monotonic())
+        elif time.monotonic() - since >= ROOT_SETTLE_SECONDS:
+            self._root_back = None
             self.request_sweep("root-back")
 
     def _monitor_loop(self) -> None:
@@ -293,12 +333,14 @@ class Service:
         restart_backoff = 1.0
         next_restart = 0.0
         while not self._stop.is_set():
-            self._root_changed.wait(timeout=MONITOR_SECONDS)
+            timeout = MONITOR_SECONDS if self._root_back is None else ROOT_SETTLE_SECONDS / 4
+            self._root_changed.wait(timeout=timeout)
             self._root_changed.clear()
             if self._stop.is_set():
                 return
             try:
                 self._update_root_state()
+                self._sweep_when_root_settled()
                 with self._watcher_lock:
                     if self._stop.is_set():
                         return

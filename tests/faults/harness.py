@@ -211,11 +211,24 @@ def scenario(
     return register
 
 
+LOAD_ERRORS: dict[str, str] = {}
+
+
 def load_all() -> dict[str, Scenario]:
-    """Import every module of this package, so that every scenario has registered itself."""
+    """Import every module of this package, so that every scenario has registered itself.
+
+    A module that fails to import is named in :data:`LOAD_ERRORS` (and in the report) instead
+    of stopping every other scenario.
+    """
     package = sys.modules[__package__ or "faults"]
     for module in pkgutil.iter_modules(package.__path__):
-        importlib.import_module(f"{package.__name__}.{module.name}")
+        name = f"{package.__name__}.{module.name}"
+        try:
+            importlib.import_module(name)
+        except Exception as exc:
+            LOAD_ERRORS[name] = one_line(f"{type(exc).__name__}: {exc}")
+        else:
+            LOAD_ERRORS.pop(name, None)
     return dict(sorted(REGISTRY.items()))
 
 
@@ -448,8 +461,10 @@ def render_report(
         " (kill points, outages) follow the seed's plan, but the daemon's own timing varies"
         " from run to run.",
     ]
-    if ignored or problems:
-        lines += ["", "## Ignored files", ""]
+    if ignored or problems or LOAD_ERRORS:
+        lines += ["", "## Problems", ""]
+        lines += [f"- scenario module `{name}` did not load: {error}"
+                  for name, error in sorted(LOAD_ERRORS.items())]
         lines += [f"- `{key}.json`: no such scenario registered" for key in ignored]
         lines += [f"- {problem}" for problem in problems]
     return "\n".join(lines) + "\n"

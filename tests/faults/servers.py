@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -73,8 +73,25 @@ def scratch_database(backend: str, workdir: Path) -> Iterator[str]:
 
 
 def probe_engine(url: str) -> Engine:
-    """An engine for seeding and observing: no pool, so a killed connection is never reused."""
-    return sa.create_engine(url, poolclass=NullPool)
+    """An engine for seeding and observing, independent of the package's own engine set-up.
+
+    No pool, so a connection killed by a scenario is never reused. On SQLite every transaction
+    starts with a real ``BEGIN`` (pysqlite would not open one for a SELECT), so that a snapshot
+    read in one transaction is consistent, and waits up to 10 s for another writer's lock.
+    """
+    engine = sa.create_engine(url, poolclass=NullPool)
+    if engine.dialect.name == "sqlite":
+
+        @sa.event.listens_for(engine, "connect")
+        def _connect(dbapi_connection: Any, _record: Any) -> None:
+            dbapi_connection.isolation_level = None
+            dbapi_connection.execute("PRAGMA busy_timeout = 10000")
+
+        @sa.event.listens_for(engine, "begin")
+        def _begin(connection: sa.Connection) -> None:
+            connection.exec_driver_sql("BEGIN")
+
+    return engine
 
 
 def robust(function: Callable[[], T], *, seconds: float = 20.0) -> T:
