@@ -121,6 +121,40 @@ def _positive_int(setting: str, raw: Any) -> int:
     return value
 
 
+# The longest duration a setting may name. Past about a century ``now - timedelta(...)`` leaves
+# the calendar and a thread's wait overflows: the value would surface as a traceback at run
+# time, so it is refused here with the one-line message instead.
+MAX_DURATION_YEARS = 100
+_MAX_DURATION_SECONDS = MAX_DURATION_YEARS * 365.25 * 86_400
+# A batch binds two parameters per app; PostgreSQL allows 65,535 in one statement.
+MAX_BATCH_SIZE = 10_000
+MAX_PENDING_EVENTS = 10_000_000
+
+
+def _duration(parse: Parser, unit_seconds: float) -> Parser:
+    """``parse``, then refuse a duration (in units of ``unit_seconds``) over the maximum."""
+
+    def parse_duration(setting: str, raw: Any) -> float:
+        value = float(parse(setting, raw))
+        if value * unit_seconds > _MAX_DURATION_SECONDS:
+            raise SettingsError(
+                setting, f"{raw!r} is too large (at most {MAX_DURATION_YEARS} years)"
+            )
+        return value
+
+    return parse_duration
+
+
+def _int_at_most(maximum: int) -> Parser:
+    def parse_int(setting: str, raw: Any) -> int:
+        value = _positive_int(setting, raw)
+        if value > maximum:
+            raise SettingsError(setting, f"{raw!r} is too large (at most {maximum:,})")
+        return value
+
+    return parse_int
+
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -241,29 +275,33 @@ SPECS: tuple[SettingSpec, ...] = (
     SettingSpec("database_url", _database_url, help="SQLAlchemy database URL"),
     SettingSpec(
         "interval_seconds",
-        _positive,
+        _duration(_positive, 1),
         ("MAINTENANCE_INTERVAL_SECONDS",),
         "seconds between periodic sweeps",
     ),
     SettingSpec(
         "running_timeout_minutes",
-        _non_negative,
+        _duration(_non_negative, 60),
         ("MAINTENANCE_STUCK_TASK_TIMEOUT_MINUTES",),
         "a running task older than this is failed",
     ),
     SettingSpec(
         "pending_timeout_minutes",
-        _non_negative,
+        _duration(_non_negative, 60),
         ("MAINTENANCE_STUCK_TASK_TIMEOUT_MINUTES",),
         "a pending task older than this is cancelled",
     ),
     SettingSpec(
         "task_retention_days",
-        _non_negative,
+        _duration(_non_negative, 86_400),
         ("MAINTENANCE_TASK_RETENTION_DAYS",),
         "terminal tasks completed longer ago are deleted",
     ),
-    SettingSpec("app_grace_minutes", _non_negative, help="the sweep ignores younger app rows"),
+    SettingSpec(
+        "app_grace_minutes",
+        _duration(_non_negative, 60),
+        help="the sweep ignores younger app rows",
+    ),
     SettingSpec("cleanup_orphan_apps", _boolean, help="run the orphan-apps pass"),
     SettingSpec("cleanup_orphan_tasks", _boolean, help="run the orphan-tasks pass"),
     SettingSpec("cleanup_stuck_tasks", _boolean, help="run the stuck-tasks pass"),
@@ -274,14 +312,26 @@ SPECS: tuple[SettingSpec, ...] = (
     SettingSpec(
         "enabled", _boolean, ("MAINTENANCE_ENABLED",), "run the periodic sweep in the daemon"
     ),
-    SettingSpec("batch_size", _positive_int, help="rows changed per transaction"),
+    SettingSpec("batch_size", _int_at_most(MAX_BATCH_SIZE), help="rows changed per transaction"),
     SettingSpec("observer", _observer, help="auto, native (inotify...) or polling"),
-    SettingSpec("polling_interval_seconds", _positive, help="polling observer's period"),
-    SettingSpec("settle_ms", _non_negative, help="coalescing window for bursts of events"),
-    SettingSpec("max_pending_events", _positive_int, help="queued app keys before a sweep"),
+    SettingSpec(
+        "polling_interval_seconds", _duration(_positive, 1), help="polling observer's period"
+    ),
+    SettingSpec(
+        "settle_ms",
+        _duration(_non_negative, 0.001),
+        help="coalescing window for bursts of events",
+    ),
+    SettingSpec(
+        "max_pending_events",
+        _int_at_most(MAX_PENDING_EVENTS),
+        help="queued app keys before a sweep",
+    ),
     SettingSpec("root_marker", _marker, help="file that must exist in the root (empty: none)"),
-    SettingSpec("lease_seconds", _positive, help="maintenance lease duration"),
-    SettingSpec("heartbeat_seconds", _positive, help="how often an instance records itself"),
+    SettingSpec("lease_seconds", _duration(_positive, 1), help="maintenance lease duration"),
+    SettingSpec(
+        "heartbeat_seconds", _duration(_positive, 1), help="how often an instance records itself"
+    ),
     SettingSpec("sweep_jitter_fraction", _fraction, help="random spread of the sweep period"),
     SettingSpec("http", _http, help="HOST:PORT for the HTTP endpoint (empty: off)"),
     SettingSpec("http_token", _text, help="bearer token for POST /sweep"),
@@ -300,6 +350,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise SettingsError("config", f"file {str(path)!r} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError("config", f"{str(path)!r} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise SettingsError("config", f"{str(path)!r} is not UTF-8 text") from None
     except OSError as exc:
         raise SettingsError("config", f"cannot read {str(path)!r}: {exc.strerror}") from None
 
