@@ -275,6 +275,10 @@ class Watcher:
             for watch in watches:
                 _unschedule(observer, watch)
 
+    def _root_watched(self) -> bool:
+        with self._lock:
+            return self._root_watch is not None
+
     def rewatch(self) -> None:
         """The root is back (or may be): watch it and its model directories again."""
         self._watch_root_and_models()
@@ -323,7 +327,11 @@ class Watcher:
             if isinstance(event, DirDeletedEvent | DirMovedEvent):
                 self.forget_root()
                 self.on_root_change()
-            elif isinstance(event, DirCreatedEvent):
+            elif isinstance(event, DirCreatedEvent) or (
+                # A polling observer sees a root removed and recreated under the same inode
+                # number (file systems reuse them at once) only as "modified".
+                not self._root_watched() and os.path.isdir(self.root)
+            ):
                 self.rewatch()
                 self.on_root_change()
             return

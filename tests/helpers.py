@@ -57,6 +57,17 @@ def wait_until(
         time.sleep(0.005)
 
 
+def stays_false(predicate: Callable[[], object], seconds: float) -> bool:
+    """Poll ``predicate`` for ``seconds``: True when it never held (for "not before" checks,
+    where the code under test promises a delay longer than ``seconds``)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return False
+        time.sleep(0.005)
+    return not predicate()
+
+
 def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'test.db'}"
 

@@ -34,6 +34,7 @@ from helpers import (
     seed_app,
     seed_apps,
     sqlite_url,
+    stays_false,
     sweep_rows,
     wait_until,
 )
@@ -212,7 +213,11 @@ def test_root_removed_then_back(
     apps_root: Path, url: str, probe: Engine, apps: dict[AppKey, SeededApp]
 ) -> None:
     degraded = Degraded()
-    with running_service(make_settings(apps_root, url)) as service, \
+    # rm -rf removes the app directories one by one before the root: the reactor cannot tell
+    # that from apps being deleted until the root is gone, unless the whole rm falls within one
+    # settle window (as the unmount of a volume does).
+    settings = make_settings(apps_root, url, settle_ms=300.0)
+    with running_service(settings) as service, \
             signals.watch_degraded.connected_to(degraded, sender=service):
         shutil.rmtree(apps_root)
         wait_until(lambda: "root-missing" in degraded.reasons, what="watch_degraded root-missing")
@@ -220,9 +225,10 @@ def test_root_removed_then_back(
         for app in apps.values():
             assert_untouched(probe, app)
 
-        for key in ALL:
+        for key in ALL:  # restored one directory at a time, as a copy does
             (apps_root / key.model_slug / f"app{key.app_number}").mkdir(parents=True)
         wait_until(lambda: finished_sweeps(probe, "root-back"), what="the root-back sweep")
+        assert journal_sources(probe, A2) == []
         assert service.stats.get("watch_state") == "watching"
         assert degraded.reasons[-1] == "recovered"
         assert finished_sweeps(probe, "root-back")[0]["outcome"] == "ok"
@@ -233,6 +239,30 @@ def test_root_removed_then_back(
         wait_until(lambda: not has_row(probe, A2), what="a removal after the root came back")
         assert_removed(probe, apps[A2])
         assert_untouched(probe, apps[B1])
+
+
+def test_root_back_sweep_waits_for_the_root_to_stop_filling(
+    apps_root: Path, url: str, probe: Engine, apps: dict[AppKey, SeededApp]
+) -> None:
+    parked = apps_root.with_name("parked")
+    degraded = Degraded()
+    with running_service(make_settings(apps_root, url)) as service, \
+            signals.watch_degraded.connected_to(degraded, sender=service):
+        os.rename(apps_root, parked)  # unmounted
+        wait_until(lambda: "root-missing" in degraded.reasons, what="root-missing")
+        for key in (A1, A2, A5):  # a restore has copied back three apps of five so far
+            (apps_root / key.model_slug / f"app{key.app_number}").mkdir(parents=True)
+        wait_until(lambda: "recovered" in degraded.reasons, what="the root's return")
+        # The sweep waits until the count of app directories has held still for
+        # ROOT_SETTLE_SECONDS (1 s); a sweep now would take B1 and B2 for orphans.
+        assert stays_false(lambda: sweep_rows(probe), 0.4), "swept a root still filling"
+        for key in (B1, B2):  # ... and copies the rest
+            (apps_root / key.model_slug / f"app{key.app_number}").mkdir(parents=True)
+        wait_until(lambda: finished_sweeps(probe, "root-back"), what="the root-back sweep")
+        (sweep,) = finished_sweeps(probe, "root-back")
+        assert (sweep["outcome"], sweep["orphan_apps"]) == ("ok", 0)
+        for app in apps.values():
+            assert_untouched(probe, app)
 
 
 def test_root_emptied_removes_nothing(

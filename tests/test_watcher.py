@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from helpers import wait_until
+from watchdog.events import DirModifiedEvent
 from watchdog.observers.inotify_c import InotifyConstants, InotifyEvent, WatchDescriptor
 
 from fswatch_sync.layout import AppKey
@@ -165,6 +166,25 @@ def test_root_removed_and_back(watcher: Watcher, tree: Path, recorder: Recorder)
     wait_until(lambda: SLUG in watcher.watched_models(), what="the model watched again")
     shutil.rmtree(tree / SLUG / "app7")
     wait_until(lambda: recorder.seen(AppGone(AppKey(SLUG, 7))), what="a hint after the return")
+
+
+def test_root_replaced_and_reported_only_as_modified_is_watched_again(
+    tree: Path, recorder: Recorder
+) -> None:
+    # The polling observer diffs the parent's listing: a root removed and recreated between two
+    # polls under the same inode number (file systems reuse them at once) is only "modified".
+    watcher = make_watcher(tree, recorder, "polling")
+    watcher.start()
+    try:
+        watcher.forget_root()  # the root's own emitter saw it vanish
+        assert watcher.watch_count == 1
+        watcher.handle(DirModifiedEvent(str(tree)))
+        assert watcher.watch_count == 4
+        assert recorder.root_changes == 1
+        watcher.handle(DirModifiedEvent(str(tree)))  # watched already: nothing to do
+        assert recorder.root_changes == 1
+    finally:
+        watcher.stop()
 
 
 def test_root_moved_into_place_is_watched(
