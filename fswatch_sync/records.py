@@ -30,6 +30,12 @@ SWEEP_LEASE = "sweep"
 _RELEASED = datetime(1970, 1, 2)
 
 
+def storable(text: str) -> str:
+    """``text`` with what no database can store escaped: a path that is not UTF-8 (the root, in
+    a message) arrives with surrogate escapes, which every driver refuses to encode."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def new_instance_id() -> str:
     return f"{socket.gethostname()[:40]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
@@ -186,7 +192,8 @@ class SweepLog:
             connection.execute(
                 sa.update(sweeps_table)
                 .where(sweeps_table.c.id == sweep_id)
-                .values(finished_at=db.to_db_time(now), outcome=outcome, message=message,
+                .values(finished_at=db.to_db_time(now), outcome=outcome,
+                        message=None if message is None else storable(message),
                         **dict(counts))
             )
 
@@ -220,7 +227,7 @@ def record_instance(engine: Engine, instance_id: str, *, state: str, root: str,
                     hostname=socket.gethostname()[:255],
                     pid=os.getpid(),
                     started_at=db.to_db_time(started_at),
-                    root=root,
+                    root=storable(root),
                     **values,
                 )
             )

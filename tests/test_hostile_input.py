@@ -58,3 +58,10 @@ def test_the_witnesses_see_a_read_outside(tmp_path: Path) -> None:
         reads = seen.seen()
     assert any("secret.txt: open" in r for r in reads if r.startswith("inotify")), reads
     assert any(r.startswith("audit os.scandir") and "app10" in r for r in reads), reads
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+def test_a_root_whose_path_is_not_utf8(backend: str, tmp_path: Path) -> None:
+    harness.run_quick_in_pytest("hostile-root-path", backend, tmp_path)

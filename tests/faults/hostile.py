@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import json
 import logging
 import os
 import random
@@ -392,6 +393,62 @@ def check_outcome_subset(probe: Any, gone: set[AppKey], *, keep: set[AppKey]) ->
     assert keep <= present, f"wrongly removed: {sorted(keep - present)}"
 
 
+# -- a root whose own path is hostile --------------------------------------------------------
+
+
+def scenario_root_path(database_url: str, workdir: Path) -> dict[str, Any]:
+    """A root whose path is not UTF-8 and holds a newline and spaces.
+
+    A running Service starts (its heartbeat stores the root), reacts to an ``rm -rf``; the
+    command line sweeps it (``--json``), and refuses with exit 3 once it is gone.
+    """
+    base = os.fsencode(workdir) + b"/gen\xff\nerated apps"
+    root_bytes = base + b"/apps \xfe"
+    os.makedirs(root_bytes)
+    root = Path(os.fsdecode(root_bytes))
+    keys = [AppKey("m", 1), AppKey("m", 2), AppKey("m", 3)]
+    for key in keys:
+        (root / key.model_slug / f"app{key.app_number}" / "src").mkdir(parents=True)
+    now = db.utcnow()
+    with probe_engine(database_url) as probe:
+        clear_rows(probe)
+        insert_apps(probe, [(key, now - OLD) for key in keys])
+        insert_tasks(probe, [TaskSeed(f"t{k.app_number}", k, "pending", now) for k in keys])
+        service = Service(settings_for(root, database_url), instance_id="hostile-root")
+        service.start()
+        try:
+            wait_until(lambda: service.status_stats().get("sweeps", 0) >= 1, what="start-up sweep")
+            shutil.rmtree(root / "m" / "app2")
+            wait_until(lambda: AppKey("m", 2) not in app_keys(probe), what="reactor removal")
+            assert _service_alive(service), "a service thread died"
+            assert service.status_stats().get("errors", 0) == 0, service.status_stats()
+        finally:
+            service.stop()
+        assert app_keys(probe) == {AppKey("m", 1), AppKey("m", 3)}
+    environ = {k: v for k, v in os.environb.items()
+               if not k.startswith((b"FSWATCH_SYNC_", b"MAINTENANCE_"))}
+    environ[b"FSWATCH_SYNC_ROOT"] = root_bytes
+    environ[b"FSWATCH_SYNC_DATABASE_URL"] = database_url.encode()
+    shutil.rmtree(root / "m" / "app3")
+    swept = subprocess.run(
+        [sys.executable, "-m", "fswatch_sync", "sweep", "--json"], env=environ,
+        capture_output=True, timeout=60, check=False,
+    )
+    assert swept.returncode == 0, swept.stderr.decode(errors="replace")[-500:]
+    assert json.loads(swept.stdout)["orphan_apps"] == 1, swept.stdout
+    remove_tree(root_bytes)
+    refused = subprocess.run(
+        [sys.executable, "-m", "fswatch_sync", "sweep"], env=environ,
+        capture_output=True, timeout=60, check=False,
+    )
+    err = refused.stderr.decode(errors="replace")
+    # Exit 3 and the refusal, no traceback. (Not "one line": the SPEC asks that of bad
+    # settings only, and a newline in the root's own path makes any message that names it two.)
+    assert refused.returncode == 3, (refused.returncode, err[-500:])
+    assert "Traceback" not in err and "fswatch-sync: refused:" in err, err[-500:]
+    return {"root": os.fsdecode(root_bytes)}
+
+
 # -- hostile settings ------------------------------------------------------------------------
 
 # (label, environment, TOML text) — each must stop the program with exit 2 and one line.
@@ -634,6 +691,26 @@ def hostile_tree_service(run: Run) -> str:
             scenario_service(url, run.workdir / f"round{index}", run.backend)
             remove_tree(run.workdir / f"round{index}")
     return f"{run.rounds} service run(s): start-up sweep + 24 live hostile changes each; all held"
+
+
+@scenario(
+    "hostile-root-path",
+    backends=("sqlite", "postgres"),
+    quick=1,
+    long=5,
+    summary="a root whose own path is not UTF-8 and holds a newline and spaces: a running"
+    " Service starts (its heartbeat stores the root) and reacts to rm -rf; `sweep --json` works;"
+    " the root gone, `sweep` refuses with exit 3 and no traceback",
+    timeout_s=300,
+)
+def hostile_root_path(run: Run) -> str:
+    assert run.backend is not None
+    with scratch_database(run.backend, run.workdir) as url:
+        prepare_database(url)
+        for index in range(run.rounds):
+            (run.workdir / f"round{index}").mkdir()
+            scenario_root_path(url, run.workdir / f"round{index}")
+    return f"{run.rounds} round(s): service, reactor, sweep and refusal all fine"
 
 
 @scenario(
