@@ -312,7 +312,19 @@ class Sweeper:
         report.orphan_tasks = len(removal.cancelled)
 
         statuses = store.config.statuses
-        active = store.active_tasks()
+        running_cutoff = now - timedelta(minutes=settings.running_timeout_minutes)
+        pending_cutoff = now - timedelta(minutes=settings.pending_timeout_minutes)
+        # A real run reads only the tasks some rule may apply to (each batch re-checks its rule
+        # under lock anyway); a dry run also needs the tasks of the apps it would remove.
+        active = store.active_tasks(
+            None
+            if dry_run
+            else sa.or_(
+                _orphan_condition(store),
+                _stuck_running_condition(store, running_cutoff),
+                _stuck_pending_condition(store, pending_cutoff),
+            )
+        )
         self.lease.renew()
         plan = classify_tasks(
             active,
