@@ -11,7 +11,8 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, time
+from datetime import date, datetime, time, timedelta
+from decimal import Decimal
 from typing import Any
 
 import sqlalchemy as sa
@@ -86,21 +87,37 @@ def list_entries(engine: Engine, selection: Selection, limit: int = 100) -> list
     return entries
 
 
+def _python_type(column_type: sa.types.TypeEngine[Any]) -> type | None:
+    try:
+        return column_type.python_type
+    except NotImplementedError:
+        return None
+
+
 def _decode(table: Table, image: dict[str, Any]) -> dict[str, Any]:
+    """A before-image (JSON) back into the values its columns take, by each column's Python type
+    (so dialect types reflected from a host's database decode too: TIMESTAMP, INTERVAL, UUID...).
+    """
     values: dict[str, Any] = {}
     for name, value in image.items():
         if name not in table.c:
             continue
-        column_type = table.c[name].type
-        if isinstance(value, str) and isinstance(column_type, sa.DateTime):
+        kind = _python_type(table.c[name].type)
+        if value is None or kind is None:
+            values[name] = value
+        elif kind is datetime and isinstance(value, str):
             values[name] = datetime.fromisoformat(value)
-        elif isinstance(value, str) and isinstance(column_type, sa.Date):
+        elif kind is date and isinstance(value, str):
             values[name] = date.fromisoformat(value)
-        elif isinstance(value, str) and isinstance(column_type, sa.Time):
+        elif kind is time and isinstance(value, str):
             values[name] = time.fromisoformat(value)
-        elif isinstance(value, str) and isinstance(column_type, sa.Uuid) and column_type.as_uuid:
+        elif kind is timedelta and isinstance(value, int | float):
+            values[name] = timedelta(seconds=value)
+        elif kind is Decimal and isinstance(value, str | int | float):
+            values[name] = Decimal(str(value))
+        elif kind is uuid.UUID and isinstance(value, str):
             values[name] = uuid.UUID(value)
-        elif isinstance(value, str) and isinstance(column_type, sa.LargeBinary):
+        elif kind is bytes and isinstance(value, str):
             values[name] = bytes.fromhex(value)
         else:
             values[name] = value

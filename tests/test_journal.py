@@ -323,3 +323,67 @@ def test_restore_a_dependent_without_its_app_is_refused(
     with pytest.raises(RestoreConflict, match="is not there"):
         journal.restore(store, journal.Selection(ids=ids))
     assert host_state(engine) == before
+
+
+typed_metadata = sa.MetaData()
+typed_apps = sa.Table(
+    "typed_apps",
+    typed_metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("model_slug", sa.String(200), nullable=False),
+    sa.Column("app_number", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.DateTime(), nullable=True),
+    sa.Column("price", sa.Numeric(10, 2), nullable=False),
+    sa.Column("opens", sa.Time(), nullable=False),
+    sa.Column("born", sa.Date(), nullable=False),
+    sa.Column("token", sa.Uuid(), nullable=False),
+    sa.Column("blob", sa.LargeBinary(), nullable=False),
+    sa.Column("flag", sa.Boolean(), nullable=False),
+    sa.Column("ttl", sa.Interval(), nullable=False),
+    sa.Column("notes", sa.Text(), nullable=False),
+)
+typed_tasks = sa.Table(
+    "typed_tasks",
+    typed_metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("task_id", sa.String(100), nullable=False),
+    sa.Column("target_model", sa.String(200), nullable=False),
+    sa.Column("target_app_number", sa.Integer, nullable=False),
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("created_at", sa.DateTime()),
+    sa.Column("started_at", sa.DateTime()),
+    sa.Column("completed_at", sa.DateTime()),
+    sa.Column("error_message", sa.Text()),
+)
+
+
+@pytest.mark.filterwarnings("ignore:Dialect sqlite\\+pysqlite does \\*not\\* support Decimal")
+def test_restore_puts_back_every_column_type_of_a_host_row(engine: Engine, now: datetime) -> None:
+    import uuid
+    from datetime import time
+    from decimal import Decimal
+
+    from fswatch_sync.schema import SchemaConfig
+
+    typed_metadata.create_all(engine)
+    row = {
+        "model_slug": "m", "app_number": 7, "created_at": datetime(2026, 5, 1, 8, 30, 15),
+        "price": Decimal("12.34"), "opens": time(9, 15, 30), "born": datetime(2020, 2, 29).date(),
+        "token": uuid.UUID("12345678-1234-5678-1234-567812345678"), "blob": b"\x00\xffbin",
+        "flag": True, "ttl": timedelta(days=2, seconds=5), "notes": "ünïcode ✓",
+    }
+    with engine.begin() as connection:
+        connection.execute(sa.insert(typed_apps).values(row))
+    with engine.connect() as connection:
+        before = dict(connection.execute(sa.select(typed_apps)).one()._mapping)
+    config = SchemaConfig(apps_table="typed_apps", tasks_table="typed_tasks",
+                          manage_host_tables=False)
+    store = Store(engine, config)
+    store.ensure_tool_tables()
+    outcome = store.remove_apps([AppKey("m", 7)], source="reactor", now=now)
+    assert outcome.removed == [AppKey("m", 7)]
+    batch = entries(store, action="app_removed")[0].batch_id
+    assert journal.restore(store, journal.Selection(batch_id=batch)).restored == 1
+    with engine.connect() as connection:
+        after = dict(connection.execute(sa.select(typed_apps)).one()._mapping)
+    assert after == before
