@@ -42,7 +42,7 @@ def daemon_settings(root: Path, url: str) -> dict[str, str]:
         "FSWATCH_SYNC_OBSERVER": "native",
         # A killed sweeper's lease blocks the next start-up sweep until it expires: keep the
         # wait short (sweeps here take milliseconds; the lease is renewed at every commit).
-        "FSWATCH_SYNC_LEASE_SECONDS": "4",
+        "FSWATCH_SYNC_LEASE_SECONDS": "2",
         "FSWATCH_SYNC_LOG_LEVEL": "INFO",
     }
 
@@ -156,6 +156,18 @@ def crash_kill9(run: Run) -> str:
                     apply_step(step, world, daemon)
                 replenish(rng, world, fresh)
                 daemon.start(FSWATCH_SYNC_BATCH_SIZE=rng.choice(BATCH_SIZES))
+                if rng.random() < 0.3:
+                    # A kill while it starts: perhaps in its start-up sweep, which has the
+                    # removals made while it was down to do.
+                    time.sleep(rng.uniform(0.1, 1.5))  # the kill point
+                    daemon.kill9()
+                    daemon.instance_id = daemon.find_instance(engine)
+                    in_sweep = [r for r in daemon.sweeps(engine) if r["finished_at"] is None]
+                    stats["kills during start-up"] += 1
+                    stats["kills during the start-up sweep"] += bool(in_sweep)
+                    _check(world, round_number, "after a kill during start-up", daemon,
+                           settled=False)
+                    daemon.start(FSWATCH_SYNC_BATCH_SIZE=rng.choice(BATCH_SIZES))
                 daemon.wait_ready(engine)
                 if "skipped: another instance is sweeping" in daemon.log_text():
                     stats["restarts that waited for the killed sweeper's lease"] += 1
@@ -184,10 +196,11 @@ def _check(world: World, round_number: int, when: str, daemon: Daemon, *, settle
 
 
 SUMMARY = (
-    "the daemon (subprocess) is killed with SIGKILL at seeded points of bursts of"
-    " deletions (rm -rf, move out, rename, whole model dirs) and SIGHUP sweeps, with seeded"
-    " batch sizes; after each kill every app is fully handled or untouched, after each restart's"
-    " start-up sweep (grace 0) the database matches the disk and the journal is complete"
+    "the daemon (subprocess) is killed with SIGKILL at seeded points of bursts of deletions"
+    " (rm -rf, move out, rename, whole model dirs) and SIGHUP sweeps, with seeded batch sizes,"
+    " and now and then again while it restarts; after each kill every app is fully handled or"
+    " untouched, after each restart's start-up sweep (grace 0) the database matches the disk"
+    " and the journal is complete"
 )
 scenario("crash-kill9", backends=("sqlite",), quick=3, long=150, summary=SUMMARY)(crash_kill9)
 scenario("crash-kill9", backends=("postgres",), quick=2, long=40, summary=SUMMARY)(crash_kill9)

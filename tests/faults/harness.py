@@ -442,11 +442,14 @@ def render_report(
         if spec.name in described:
             continue
         described.add(spec.name)
-        backends = sorted(s.backend or "-" for s in scenarios.values() if s.name == spec.name)
-        lines.append(
-            f"- **{spec.name}** ({', '.join(backends)}; quick {spec.quick_rounds},"
-            f" long {spec.long_rounds} rounds): {spec.summary}"
+        variants = sorted(
+            (s for s in scenarios.values() if s.name == spec.name), key=lambda s: s.backend or ""
         )
+        rounds = "; ".join(
+            f"{s.backend or 'no database'}: quick {s.quick_rounds}, long {s.long_rounds} rounds"
+            for s in variants
+        )
+        lines.append(f"- **{spec.name}** ({rounds}): {spec.summary}")
     lines += [
         "",
         "## Replaying",

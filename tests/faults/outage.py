@@ -355,12 +355,12 @@ def outage_memory(run: Run) -> str:
     rng = run.rng()
     root = run.workdir / "generated" / "apps"
     root.mkdir(parents=True)
-    apps = 2000 if run.quick else 20000
-    max_pending = 500 if run.quick else 2000
-    churn_seconds = 2.0 if run.quick else 30.0
+    apps = 1000 if run.quick else 20000
+    max_pending = 200 if run.quick else 2000
+    churn_seconds = 1.5 if run.quick else 30.0
     # Long: quiet for longer than two of the sweeper's attempts at the lease (10 s of retries
     # each, behind a 2 s busy timeout), and the whole lock beyond the store's 60 s of retries.
-    quiet_seconds = 4.0 if run.quick else 45.0
+    quiet_seconds = 3.0 if run.quick else 45.0
     port = _free_port()
     peaks: list[str] = []
     with scratch_database("sqlite", run.workdir) as url:
@@ -438,7 +438,7 @@ def outage_memory(run: Run) -> str:
 
 scenario(
     "outage-memory", backends=("sqlite",), quick=1, long=2,
-    summary="the SQLite write lock is held for a long outage (quick ~8 s, long ~90 s) while"
+    summary="the SQLite write lock is held for a long outage (quick ~6 s, long ~100 s) while"
     " thousands of app directories are removed and then a flood of directories appear and"
     " vanish; the reactor's queue (read from /status) stays within FSWATCH_SYNC_MAX_PENDING_"
     "EVENTS, the daemon's RSS stays within 64 MiB of its baseline, and once the lock goes every"
