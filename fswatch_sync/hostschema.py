@@ -106,7 +106,10 @@ def reflect_host_tables(engine: Engine, config: SchemaConfig) -> HostTables:
             referred = tuple(fk["referred_columns"])
             if fk.get("referred_table") == apps.name:
                 if (table_name, constrained) not in found:
-                    found[(table_name, constrained)] = (referred, config.dependents_policy)
+                    found[(table_name, constrained)] = (
+                        referred,
+                        _discovered_policy(config, tasks, table_name, constrained),
+                    )
             elif fk.get("referred_table") == tasks.name and not (
                 table_name == tasks.name and constrained == (config.tasks.parent_id,)
             ):
@@ -152,6 +155,22 @@ def reflect_host_tables(engine: Engine, config: SchemaConfig) -> HostTables:
         config=config,
         task_dependents=task_dependents,
     )
+
+
+def _discovered_policy(
+    config: SchemaConfig, tasks: Table, table_name: str, columns: tuple[str, ...]
+) -> str:
+    """The policy for a foreign key to the apps table that the configuration does not name.
+
+    The tasks table is special: the tool cancels an app's active tasks and keeps every task's
+    history, so a nullable pointer from a task to its app is nullified (journalled, restorable)
+    rather than blocking every app that ever had a task.
+    """
+    if table_name == tasks.name and all(
+        c in tasks.c and tasks.c[c].nullable for c in columns
+    ):
+        return "nullify"
+    return config.dependents_policy
 
 
 def _table(engine: Engine, metadata: MetaData, name: str, apps: Table, tasks: Table) -> Table:
