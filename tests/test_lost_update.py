@@ -63,10 +63,9 @@ def complete_running_tasks(
                     with engine.begin() as connection:
                         done = connection.execute(finish).rowcount == 1
                     break
-                except OperationalError:  # SQLite busy, MariaDB deadlock: a runner retries
-                    if attempt == 49:
+                except OperationalError:  # SQLite busy (after its own busy timeout), MariaDB
+                    if attempt == 49:  # deadlock: a runner tries again
                         raise
-                    stop.wait(0.01)
             if done:
                 completed.append(task_id)
                 if len(completed) == WARM_UP:
