@@ -356,3 +356,16 @@ def test_cli_bad_settings_exit_2_with_one_line(
     assert "Traceback" not in result.stderr
     assert named in lines[0]
     assert result.stdout == ""
+
+
+def test_cli_reads_the_config_file_by_flag_and_by_variable(workdir: Path) -> None:
+    for name, args, env in (
+        ("by-flag", ["init-db", "--config", "by-flag.toml"], {}),
+        ("by-var", ["init-db"], {"FSWATCH_SYNC_CONFIG": str(workdir / "by-var.toml")}),
+    ):
+        database = workdir / f"{name}.sqlite"
+        _toml(workdir / f"{name}.toml", f'database_url = "sqlite:///{database}"\n')
+        result = _run_cli(args, workdir, env)
+        assert result.returncode == 0, result.stderr
+        assert database.exists(), name
+        assert str(database) in result.stdout
