@@ -31,6 +31,7 @@ import os
 import random
 import shutil
 import sqlite3
+import statistics
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -40,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from benchkit import Contestant, Options, Result, Target, entry
+from benchkit import Contestant, Options, Result, Target, entry, format_seconds
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from fswatch_sync import db as fsdb
@@ -130,6 +131,39 @@ class Dataset:
 class Run:
     seconds: float
     counts: dict[str, int]
+    cpu_seconds: float = 0.0
+    # The longest write transaction (the time SQLite's write lock was held), where measured.
+    longest_write: float | None = None
+
+
+class _Clock:
+    """Wall and CPU time of this process between start() and stop()."""
+
+    def start(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def stop(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+def _watch_write_transactions(engine: sa.Engine) -> list[float]:
+    """Durations of the engine's write transactions, BEGIN IMMEDIATE to COMMIT/ROLLBACK."""
+    durations: list[float] = []
+    opened: dict[int, float] = {}
+
+    @sa.event.listens_for(engine, "before_cursor_execute")
+    def _begin(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement == "BEGIN IMMEDIATE":
+            opened[id(conn)] = time.perf_counter()
+
+    def _end(conn: Any) -> None:
+        started = opened.pop(id(conn), None)
+        if started is not None:
+            durations.append(time.perf_counter() - started)
+
+    sa.event.listen(engine, "commit", _end)
+    sa.event.listen(engine, "rollback", _end)
+    return durations
 
 
 def _stamp(moment: datetime | None) -> str | None:
@@ -364,16 +398,28 @@ def run_fswatch_sync(database: Path, root: Path, batch_size: int | None = None) 
         flags["batch_size"] = batch_size
     settings = load_settings(flags, environ={})
     engine = fsdb.create_engine(settings.database_url)
+    clock = _Clock()
     try:
         store = Store(engine, settings.schema, batch_size=settings.batch_size)
         store.host  # noqa: B018 - reflect once, as a running service already has
         sweeper = Sweeper(store, settings, instance_id="bench")
-        start = time.perf_counter()
+        writes = _watch_write_transactions(engine)
+        clock.start()
         report = sweeper.run(now=NOW, trigger="bench")
-        seconds = time.perf_counter() - start
+        seconds, cpu = clock.stop()
     finally:
         engine.dispose()
-    return Run(seconds, {key: int(getattr(report, key)) for key in COUNT_KEYS})
+    counts = {key: int(getattr(report, key)) for key in COUNT_KEYS}
+    return Run(seconds, counts, cpu, max(writes, default=0.0))
+
+
+# A batch of 5,000 rows per transaction: still bounded (a million-row purge is 200 short
+# transactions), and the longest one is measured and shown next to the default's.
+BIG_BATCH = 5000
+
+
+def run_fswatch_sync_big_batch(database: Path, root: Path) -> Run:
+    return run_fswatch_sync(database, root, BIG_BATCH)
 
 
 # -- contestant: the seed's algorithm ------------------------------------------------------------
@@ -472,12 +518,13 @@ def run_seed(database: Path, root: Path) -> Run:
     try:
         with Session(engine) as session:
             session.connection()  # open the connection before the clock starts
-            start = time.perf_counter()
+            clock = _Clock()
+            clock.start()
             counts = seed_sweep(session, root, NAIVE_NOW)
-            seconds = time.perf_counter() - start
+            seconds, cpu = clock.stop()
     finally:
         engine.dispose()
-    return Run(seconds, counts)
+    return Run(seconds, counts, cpu)
 
 
 # -- contestant: the floor ------------------------------------------------------------------------
@@ -564,18 +611,26 @@ def floor_sweep(connection: sqlite3.Connection, root: Path, now: datetime) -> di
 def run_floor(database: Path, root: Path) -> Run:
     connection = sqlite3.connect(database, isolation_level=None)
     try:
-        start = time.perf_counter()
+        clock = _Clock()
+        clock.start()
         counts = floor_sweep(connection, root, NAIVE_NOW)
-        seconds = time.perf_counter() - start
+        seconds, cpu = clock.stop()
     finally:
         connection.close()
-    return Run(seconds, counts)
+    return Run(seconds, counts, cpu)
 
 
 # -- the comparison -------------------------------------------------------------------------------
 
+FSWATCH_BIG = f"fswatch_sync b{BIG_BATCH}"
+FSWATCH = ("fswatch_sync", FSWATCH_BIG)
+
 CONTESTANTS: dict[str, tuple[str, Callable[[Path, Path], Run]]] = {
     "fswatch_sync": ("Sweeper.run, default settings, journal and lease included", run_fswatch_sync),
+    FSWATCH_BIG: (
+        f"the same with batch_size={BIG_BATCH} (fewer, longer transactions)",
+        run_fswatch_sync_big_batch,
+    ),
     "floor": ("one scandir per model dir + set-based SQL (sqlite3), no journal", run_floor),
     "seed": (
         "the seed's algorithm: ORM, os.path.exists per row, a query per active task",
@@ -611,6 +666,8 @@ def compare(
         contestants=[Contestant(c, description=CONTESTANTS[c][0]) for c in chosen],
     )
     counts_seen: dict[str, dict[str, int]] = {}
+    cpu: dict[str, list[float]] = {c: [] for c in chosen}
+    longest_write: dict[str, list[float]] = {c: [] for c in chosen}
     copy = dataset.database.with_name("run.db")
     for round_number in range(runs):
         # Rotate the order each round so no contestant always runs on a warmer machine.
@@ -620,7 +677,13 @@ def compare(
             run = CONTESTANTS[contestant][1](copy, dataset.root)
             digest, summary = outcome(copy)
             result.contestant(contestant).samples.append(run.seconds)
-            log(f"round {round_number + 1}/{runs} {contestant}: {run.seconds:.3f} s {run.counts}")
+            cpu[contestant].append(run.cpu_seconds)
+            if run.longest_write is not None:
+                longest_write[contestant].append(run.longest_write)
+            log(
+                f"round {round_number + 1}/{runs} {contestant}: {run.seconds:.3f} s"
+                f" (cpu {run.cpu_seconds:.3f} s) {run.counts}"
+            )
             if run.counts != dataset.expected_counts:
                 result.ok = False
                 result.notes.append(
@@ -636,11 +699,32 @@ def compare(
             counts_seen[contestant] = run.counts
     for suffix in ("", "-wal", "-shm"):
         Path(f"{copy}{suffix}").unlink(missing_ok=True)
-    if "seed" in chosen and "fswatch_sync" in chosen:
-        result.add_ratio("seed", "fswatch_sync", Target(">=", 20), judged=judged)
-    if "fswatch_sync" in chosen and "floor" in chosen:
-        result.add_ratio("fswatch_sync", "floor", Target("<=", 1.5), judged=judged)
+    for ours in (c for c in FSWATCH if c in chosen):
+        if "seed" in chosen:
+            result.add_ratio("seed", ours, Target(">=", 20), judged=judged)
+        if "floor" in chosen:
+            result.add_ratio(ours, "floor", Target("<=", 1.5), judged=judged)
+    cpu_median = {c: statistics.median(v) for c, v in cpu.items() if v}
+    result.notes.append(
+        "CPU time of the sweeping process (median; steadier than wall time on a shared machine): "
+        + ", ".join(f"{c} {format_seconds(v)}" for c, v in cpu_median.items())
+    )
+    cpu_ratios = [
+        f"{top}/{bottom} {cpu_median[top] / cpu_median[bottom]:.2f}x"
+        for top, bottom in [("seed", c) for c in FSWATCH] + [(c, "floor") for c in FSWATCH]
+        if top in cpu_median and bottom in cpu_median and cpu_median[bottom] > 0
+    ]
+    if cpu_ratios:
+        result.notes.append("CPU ratios: " + ", ".join(cpu_ratios))
+    held = {c: max(v) for c, v in longest_write.items() if v}
+    if held:
+        result.notes.append(
+            "longest write transaction (SQLite write lock held), worst run: "
+            + ", ".join(f"{c} {format_seconds(v)}" for c, v in held.items())
+        )
     result.details = {
+        "cpu_seconds": cpu,
+        "longest_write_seconds": longest_write,
         "scale": scale.__dict__,
         "counts": counts_seen,
         "expected_counts": dataset.expected_counts,
