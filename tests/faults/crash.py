@@ -13,15 +13,20 @@ has its directory — the database matches the disk — and the journal is compl
 from __future__ import annotations
 
 import random
+import sqlite3
 import time
 from collections import Counter
 from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.pool import NullPool
 
 from faults.daemon import Daemon, init_db
 from faults.harness import Run, scenario
 from faults.servers import probe_engine, scratch_database
 from faults.world import SLUGS, Tally, World
 
+APP_NAME = "fswatch-sync-under-fault"
 POPULATION = 36  # apps alive at the start of each round
 MIN_ALIVE = 8  # a burst never takes the tree below this (the sweep's guard would rightly refuse)
 BATCH_SIZES = ("1", "2", "5", "500")
@@ -44,6 +49,7 @@ def daemon_settings(root: Path, url: str) -> dict[str, str]:
         # wait short (sweeps here take milliseconds; the lease is renewed at every commit).
         "FSWATCH_SYNC_LEASE_SECONDS": "2",
         "FSWATCH_SYNC_LOG_LEVEL": "INFO",
+        "PGAPPNAME": APP_NAME,  # how PostgreSQL tells the daemon's connections from others
     }
 
 
@@ -104,6 +110,47 @@ def replenish(rng: random.Random, world: World, fresh_slugs: list[str]) -> None:
     world.seed(keys)
 
 
+class TransactionProbe:
+    """Whether the daemon has a write transaction open, asked just before the kill.
+
+    PostgreSQL: a backend of the daemon (known by its application_name) that is ``active`` or
+    ``idle in transaction``. SQLite: another connection cannot take the write lock without
+    waiting. Evidence that kills land inside transactions, not only between them.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.backend = sa.make_url(url).get_backend_name()
+        self._admin: sa.Connection | None = None
+        if self.backend == "postgresql":
+            engine = sa.create_engine(url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+            self._admin = engine.connect()
+
+    def open_transaction(self) -> bool:
+        if self._admin is not None:
+            busy = self._admin.exec_driver_sql(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %(name)s"
+                " AND state IN ('active', 'idle in transaction')",
+                {"name": APP_NAME},
+            ).scalar()
+            return bool(busy)
+        database = sa.make_url(self.url).database
+        assert database
+        probe = sqlite3.connect(database, timeout=0, isolation_level=None)
+        try:
+            probe.execute("BEGIN IMMEDIATE")
+            probe.execute("ROLLBACK")
+            return False
+        except sqlite3.OperationalError:
+            return True
+        finally:
+            probe.close()
+
+    def close(self) -> None:
+        if self._admin is not None:
+            self._admin.close()
+
+
 def crash_kill9(run: Run) -> str:
     assert run.backend is not None
     rng = run.rng()
@@ -117,6 +164,7 @@ def crash_kill9(run: Run) -> str:
         world = World(root, engine, run.workdir / "trash")
         world.seed(world.new_keys(SLUGS, POPULATION // len(SLUGS)))
         fresh: list[str] = []
+        probe = TransactionProbe(url)
         try:
             daemon.start(FSWATCH_SYNC_BATCH_SIZE=rng.choice(BATCH_SIZES))
             daemon.wait_ready(engine)
@@ -129,6 +177,7 @@ def crash_kill9(run: Run) -> str:
                 for index, step in enumerate(steps):
                     if index == kill_at:
                         time.sleep(delay)  # the kill point, not a wait for an outcome
+                        stats["kills inside an open write transaction"] += probe.open_transaction()
                         daemon.kill9()
                     taken = apply_step(step, world, daemon)
                     if daemon.alive():
@@ -136,6 +185,7 @@ def crash_kill9(run: Run) -> str:
                     time.sleep(rng.choice(GAPS))
                 if daemon.alive():
                     time.sleep(delay)
+                    stats["kills inside an open write transaction"] += probe.open_transaction()
                     daemon.kill9()
                 sweeping = [r for r in daemon.sweeps(engine) if r["finished_at"] is None]
                 stats["kills during a sweep"] += bool(sweeping)
@@ -160,6 +210,7 @@ def crash_kill9(run: Run) -> str:
                     # A kill while it starts: perhaps in its start-up sweep, which has the
                     # removals made while it was down to do.
                     time.sleep(rng.uniform(0.1, 1.5))  # the kill point
+                    stats["kills inside an open write transaction"] += probe.open_transaction()
                     daemon.kill9()
                     daemon.instance_id = daemon.find_instance(engine)
                     in_sweep = [r for r in daemon.sweeps(engine) if r["finished_at"] is None]
@@ -177,6 +228,7 @@ def crash_kill9(run: Run) -> str:
             assert status == 0, f"SIGTERM: exit status {status}"
         finally:
             daemon.close()
+            probe.close()
             engine.dispose()
     handled = stats.pop("handled so far")
     kinds = ", ".join(f"{v} {k}" for k, v in sorted(stats.items()) if v)

@@ -33,13 +33,12 @@ from types import TracebackType
 import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
-from faults.crash import daemon_settings
+from faults.crash import APP_NAME, daemon_settings
 from faults.daemon import Daemon, init_db, wait_until
 from faults.harness import Run, scenario
 from faults.servers import probe_engine, robust, scratch_database
 from faults.world import SLUGS, World
 
-APP_NAME = "fswatch-sync-under-fault"
 CONVERGE_SECONDS = 90.0
 
 
@@ -143,7 +142,6 @@ def _server_outage(run: Run, make_strike: Callable[[str], Callable[[], int]], la
     population = 24 if run.quick else 60
     with scratch_database(run.backend, run.workdir) as url:
         settings = daemon_settings(root, url)
-        settings["PGAPPNAME"] = APP_NAME
         daemon = Daemon(run.workdir, settings)
         init_db(url)
         engine = probe_engine(url)
