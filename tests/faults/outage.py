@@ -29,6 +29,7 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import ClassVar
 
 import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
@@ -133,7 +134,7 @@ def _converge(world: World, daemon: Daemon, what: str) -> float:
     return elapsed
 
 
-def _server_outage(run: Run, make_strike: Callable[[str], Callable[[], int]], label: str) -> str:
+def _server_outage(run: Run, make_strike: Callable[[str], AdminStrike], label: str) -> str:
     assert run.backend is not None
     rng = run.rng()
     root = run.workdir / "generated" / "apps"
@@ -169,6 +170,7 @@ def _server_outage(run: Run, make_strike: Callable[[str], Callable[[], int]], la
             assert status == 0, f"SIGTERM: exit status {status}"
         finally:
             daemon.close()
+            strike.close()
             engine.dispose()
     return (
         f"{stats.removed} apps removed during outages; {stats.hits} daemon connections"
@@ -180,24 +182,46 @@ def _server_outage(run: Run, make_strike: Callable[[str], Callable[[], int]], la
 # -- PostgreSQL: pg_terminate_backend -----------------------------------------------------------
 
 
-def _pg_strike(url: str) -> Callable[[], int]:
-    admin = sa.create_engine(url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
-    holder: list[sa.Connection] = []
+class AdminStrike:
+    """One fault, struck from an admin connection of its own (reconnected if it drops)."""
 
-    def strike() -> int:
-        if not holder or holder[0].closed:
-            holder[:] = [admin.connect()]
-        rows = holder[0].exec_driver_sql(
+    def __init__(self, url: str) -> None:
+        self.engine = sa.create_engine(url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+        self._connection: sa.Connection | None = None
+
+    def connection(self) -> sa.Connection:
+        if self._connection is None or self._connection.closed:
+            self._connection = self.engine.connect()
+        return self._connection
+
+    def __call__(self) -> int:
+        try:
+            return self.strike(self.connection())
+        except sa.exc.DBAPIError:
+            self.close()
+            raise
+
+    def strike(self, connection: sa.Connection) -> int:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+        self.engine.dispose()
+
+
+class PgTerminate(AdminStrike):
+    def strike(self, connection: sa.Connection) -> int:
+        rows = connection.exec_driver_sql(
             "SELECT application_name, pg_terminate_backend(pid) FROM pg_stat_activity"
             " WHERE datname = current_database() AND pid <> pg_backend_pid()"
         ).all()
         return sum(1 for name, done in rows if done and name == APP_NAME)
 
-    return strike
-
 
 def outage_pg_terminate(run: Run) -> str:
-    return _server_outage(run, _pg_strike, "terminated (pg_terminate_backend)")
+    return _server_outage(run, PgTerminate, "terminated (pg_terminate_backend)")
 
 
 scenario(
@@ -212,14 +236,8 @@ scenario(
 # -- MariaDB: KILL --------------------------------------------------------------------------------
 
 
-def _mysql_strike(url: str) -> Callable[[], int]:
-    admin = sa.create_engine(url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
-    holder: list[sa.Connection] = []
-
-    def strike() -> int:
-        if not holder or holder[0].closed:
-            holder[:] = [admin.connect()]
-        connection = holder[0]
+class MysqlKill(AdminStrike):
+    def strike(self, connection: sa.Connection) -> int:
         ids = connection.exec_driver_sql(
             "SELECT ID FROM information_schema.PROCESSLIST"
             " WHERE DB = DATABASE() AND ID <> CONNECTION_ID()"
@@ -234,11 +252,9 @@ def _mysql_strike(url: str) -> Callable[[], int]:
                     raise
         return killed
 
-    return strike
-
 
 def outage_mysql_kill(run: Run) -> str:
-    return _server_outage(run, _mysql_strike, "killed (KILL <id>)")
+    return _server_outage(run, MysqlKill, "killed (KILL <id>)")
 
 
 scenario(
@@ -255,16 +271,28 @@ scenario(
 class HeldLock:
     """Another writer: ``BEGIN IMMEDIATE`` on the SQLite file, held until released."""
 
+    live: ClassVar[list[HeldLock]] = []  # every lock taken; the scenario's finally releases them
+
     def __init__(self, path: Path) -> None:
         self.connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.connection.execute("PRAGMA busy_timeout = 30000")
         self.connection.execute("BEGIN IMMEDIATE")
         self.since = time.monotonic()
+        self.held: float | None = None
+        HeldLock.live.append(self)
+
+    @classmethod
+    def release_all(cls) -> None:
+        while cls.live:
+            cls.live.pop().release()
 
     def release(self) -> float:
-        self.connection.execute("ROLLBACK")
-        self.connection.close()
-        return time.monotonic() - self.since
+        """Roll back and close (again: a no-op); how long the lock was held."""
+        if self.held is None:
+            self.connection.execute("ROLLBACK")
+            self.connection.close()
+            self.held = time.monotonic() - self.since
+        return self.held
 
 
 def _sqlite_path(url: str) -> Path:
@@ -316,6 +344,7 @@ def outage_sqlite_locked(run: Run) -> str:
             status = daemon.stop()
             assert status == 0, f"SIGTERM: exit status {status}"
         finally:
+            HeldLock.release_all()
             daemon.close()
             engine.dispose()
     return (
@@ -429,6 +458,7 @@ def outage_memory(run: Run) -> str:
                 if round_number + 1 < run.rounds:
                     world.seed(world.new_keys(slugs, len(doomed) // len(slugs)))
         finally:
+            HeldLock.release_all()
             daemon.close()
             engine.dispose()
     return "; ".join(peaks)
