@@ -17,6 +17,7 @@ import sqlite3
 import time
 from collections import Counter
 from pathlib import Path
+from typing import ClassVar
 
 import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
@@ -114,26 +115,32 @@ class TransactionProbe:
     """Whether the daemon has a write transaction open, asked just before the kill.
 
     PostgreSQL: a backend of the daemon (known by its application_name) that is ``active`` or
-    ``idle in transaction``. SQLite: another connection cannot take the write lock without
-    waiting. Evidence that kills land inside transactions, not only between them.
+    ``idle in transaction``. MariaDB: an InnoDB transaction of a connection to the scenario's
+    database. SQLite: another connection cannot take the write lock without waiting. Evidence
+    that kills land inside transactions, not only between them.
     """
+
+    QUERIES: ClassVar[dict[str, str]] = {
+        "postgresql": "SELECT count(*) FROM pg_stat_activity WHERE application_name ="
+        f" '{APP_NAME}' AND state IN ('active', 'idle in transaction')",
+        "mysql": "SELECT count(*) FROM information_schema.INNODB_TRX t"
+        " JOIN information_schema.PROCESSLIST p ON p.ID = t.trx_mysql_thread_id"
+        " WHERE p.DB = DATABASE() AND p.ID <> CONNECTION_ID()",
+    }
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.backend = sa.make_url(url).get_backend_name()
         self._admin: sa.Connection | None = None
-        if self.backend == "postgresql":
+        if self.backend in self.QUERIES:
             engine = sa.create_engine(url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
             self._admin = engine.connect()
 
     def open_transaction(self) -> bool:
         if self._admin is not None:
-            busy = self._admin.exec_driver_sql(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %(name)s"
-                " AND state IN ('active', 'idle in transaction')",
-                {"name": APP_NAME},
-            ).scalar()
-            return bool(busy)
+            return bool(self._admin.exec_driver_sql(self.QUERIES[self.backend]).scalar())
+        if self.backend != "sqlite":
+            return False
         database = sa.make_url(self.url).database
         assert database
         probe = sqlite3.connect(database, timeout=0, isolation_level=None)
@@ -256,3 +263,4 @@ SUMMARY = (
 )
 scenario("crash-kill9", backends=("sqlite",), quick=3, long=150, summary=SUMMARY)(crash_kill9)
 scenario("crash-kill9", backends=("postgres",), quick=2, long=40, summary=SUMMARY)(crash_kill9)
+scenario("crash-kill9", backends=("mysql",), quick=2, long=40, summary=SUMMARY)(crash_kill9)
