@@ -35,7 +35,11 @@ MONITOR_SECONDS = 1.0
 # sweep waits until the number of app directories has held still this long, so that apps not yet
 # copied back are not taken for orphans.
 ROOT_SETTLE_SECONDS = 1.0
-STOP_JOIN_SECONDS = 4.0
+# stop(): the threads get this long to finish, and the whole stop (the last heartbeat included)
+# this long at most, so that ``fswatch-sync run`` exits within the 5 s it promises even while the
+# database does not answer.
+STOP_JOIN_SECONDS = 3.0
+STOP_TOTAL_SECONDS = 4.0
 
 
 def open_store(settings: Settings) -> Store:
@@ -144,20 +148,36 @@ class Service:
         self._root_changed.set()
         self.reactor.wake()
         # The threads first: the monitor must not restart the observer being stopped.
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
         for thread in self._threads:
             thread.join(timeout=max(deadline - time.monotonic(), 0.05))
+        stuck = [thread.name for thread in self._threads if thread.is_alive()]
+        if stuck:
+            log.warning("stopping without waiting longer for %s", ", ".join(stuck))
         with self._watcher_lock:
             self.watcher.stop()
         self._threads = []
         self.stats.set("watch_state", "stopped")
-        try:
-            self._heartbeat(state="stopped")
-        except Exception:
-            log.warning("could not record the stop in the database", exc_info=True)
+        self._record_stop(max(started + STOP_TOTAL_SECONDS - time.monotonic(), 0.5))
         if self._owns_engine:
             self.store.engine.dispose()
         log.info("stopped %s", self.instance_id)
+
+    def _record_stop(self, limit: float) -> None:
+        """The last heartbeat (state stopped), given at most ``limit`` seconds."""
+
+        def record() -> None:
+            try:
+                self._heartbeat(state="stopped")
+            except Exception:
+                log.warning("could not record the stop in the database", exc_info=True)
+
+        thread = threading.Thread(target=record, name="fswatch-sync-stop", daemon=True)
+        thread.start()
+        thread.join(timeout=limit)
+        if thread.is_alive():
+            log.warning("could not record the stop within %.1fs (database unreachable?)", limit)
 
     def __enter__(self) -> Service:
         self.start()

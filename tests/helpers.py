@@ -9,6 +9,8 @@ connection or a transaction with the service under test. Nothing here sleeps bli
 from __future__ import annotations
 
 import dataclasses
+import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -19,6 +21,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 
 from fswatch_sync import db
 from fswatch_sync.layout import AppKey
@@ -31,7 +34,7 @@ from fswatch_sync.schema import (
 )
 from fswatch_sync.service import Service
 from fswatch_sync.settings import Settings
-from fswatch_sync.store import Store
+from fswatch_sync.store import RemovalOutcome, Store
 
 HOST = default_host_metadata(SchemaConfig())
 APPS = HOST.tables["generated_applications"]
@@ -192,6 +195,44 @@ def seed_app(
 
 def seed_apps(engine: Engine, root: Path, keys: Iterable[AppKey]) -> dict[AppKey, SeededApp]:
     return {key: seed_app(engine, root, key) for key in keys}
+
+
+class ScriptedStore(Store):
+    """A real store whose ``remove_apps`` can fail, block or run a step first, on demand."""
+
+    def __init__(self, engine: Engine, **kwargs: Any) -> None:
+        super().__init__(engine, **kwargs)
+        self.calls: list[list[AppKey]] = []
+        self.failures_left = 0
+        self.fail_on_calls: set[int] = set()
+        self.before: Callable[[list[AppKey]], None] | None = None
+        self.gate: threading.Event | None = None
+        self.entered = threading.Event()
+
+    def remove_apps(
+        self,
+        keys: Iterable[AppKey],
+        *,
+        source: str,
+        now: datetime,
+        still_absent: Callable[[AppKey], bool] | None = None,
+        dry_run: bool = False,
+    ) -> RemovalOutcome:
+        batch = sorted(keys)
+        self.calls.append(batch)
+        self.entered.set()
+        if self.gate is not None:
+            assert self.gate.wait(timeout=10)
+        if self.before is not None:
+            self.before(batch)
+        if self.failures_left > 0 or len(self.calls) in self.fail_on_calls:
+            self.failures_left = max(self.failures_left - 1, 0)
+            raise OperationalError(
+                "DELETE FROM generated_applications", {}, sqlite3.OperationalError("disk I/O error")
+            )
+        return super().remove_apps(
+            batch, source=source, now=now, still_absent=still_absent, dry_run=dry_run
+        )
 
 
 # -- reading ---------------------------------------------------------------------------------

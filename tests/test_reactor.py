@@ -7,11 +7,9 @@ failures and the directory's returns exactly where the reactor must cope with th
 from __future__ import annotations
 
 import shutil
-import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ import pytest
 from helpers import (
     OTHER_SLUG,
     SLUG,
+    ScriptedStore,
     SeededApp,
     assert_removed,
     assert_untouched,
@@ -30,54 +29,15 @@ from helpers import (
     wait_until,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import OperationalError
 
 from fswatch_sync import db, signals
 from fswatch_sync.layout import AppKey
 from fswatch_sync.reactor import Reactor
 from fswatch_sync.stats import Stats
-from fswatch_sync.store import RemovalOutcome, Store
+from fswatch_sync.store import Store
 from fswatch_sync.watcher import AppGone, ModelGone
 
 KEYS = [AppKey(SLUG, n) for n in (1, 2, 3, 4, 5)] + [AppKey(OTHER_SLUG, 1)]
-
-
-class ScriptedStore(Store):
-    """A real store whose ``remove_apps`` can fail, block or run a step first, on demand."""
-
-    def __init__(self, engine: Engine, **kwargs: Any) -> None:
-        super().__init__(engine, **kwargs)
-        self.calls: list[list[AppKey]] = []
-        self.failures_left = 0
-        self.fail_on_calls: set[int] = set()
-        self.before: Callable[[list[AppKey]], None] | None = None
-        self.gate: threading.Event | None = None
-        self.entered = threading.Event()
-
-    def remove_apps(
-        self,
-        keys: Iterable[AppKey],
-        *,
-        source: str,
-        now: datetime,
-        still_absent: Callable[[AppKey], bool] | None = None,
-        dry_run: bool = False,
-    ) -> RemovalOutcome:
-        batch = sorted(keys)
-        self.calls.append(batch)
-        self.entered.set()
-        if self.gate is not None:
-            assert self.gate.wait(timeout=10)
-        if self.before is not None:
-            self.before(batch)
-        if self.failures_left > 0 or len(self.calls) in self.fail_on_calls:
-            self.failures_left = max(self.failures_left - 1, 0)
-            raise OperationalError(
-                "DELETE FROM generated_applications", {}, sqlite3.OperationalError("disk I/O error")
-            )
-        return super().remove_apps(
-            batch, source=source, now=now, still_absent=still_absent, dry_run=dry_run
-        )
 
 
 class Calls:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -19,6 +21,7 @@ import pytest
 from helpers import (
     OTHER_SLUG,
     SLUG,
+    ScriptedStore,
     SeededApp,
     add_app_row,
     assert_removed,
@@ -42,7 +45,7 @@ from sqlalchemy.engine import Engine
 
 from fswatch_sync import db, signals
 from fswatch_sync.layout import AppKey
-from fswatch_sync.service import Service
+from fswatch_sync.service import STOP_TOTAL_SECONDS, Service
 
 A1, A2, A5 = AppKey(SLUG, 1), AppKey(SLUG, 2), AppKey(SLUG, 5)
 B1, B2 = AppKey(OTHER_SLUG, 1), AppKey(OTHER_SLUG, 2)
@@ -373,3 +376,45 @@ def test_heartbeat_and_stop_are_recorded(
 def test_start_twice_is_refused(service: Service) -> None:
     with pytest.raises(RuntimeError):
         service.start()
+
+
+def test_stop_is_bounded_while_the_database_hangs(
+    apps_root: Path, url: str, probe: Engine, apps: dict[AppKey, SeededApp],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    engine = db.create_engine(url)
+    store = ScriptedStore(engine)
+    store.gate = threading.Event()  # remove_apps blocks: the database stopped answering
+    hang = threading.Event()
+    service = Service(make_settings(apps_root, url), store=store, initial_sweep=False)
+    service.start()
+    try:
+        shutil.rmtree(apps[A5].path)
+        assert store.entered.wait(timeout=10), "the reactor never reached the database"
+        monkeypatch.setattr(service, "_heartbeat", lambda state=None: hang.wait(30))
+        threads = list(service._threads)
+        began = time.monotonic()
+        service.stop()
+        took = time.monotonic() - began
+    finally:
+        store.gate.set()
+        hang.set()
+    assert took < STOP_TOTAL_SECONDS + 0.5, f"stop took {took:.1f}s"
+    assert not service.running
+    wait_until(lambda: not has_row(probe, A5), what="the batch to finish once the gate opens")
+    for thread in threads:
+        thread.join(timeout=5)
+        assert not thread.is_alive(), thread.name
+    engine.dispose()
+
+
+def test_a_stopped_service_can_start_again(
+    service: Service, probe: Engine, apps: dict[AppKey, SeededApp]
+) -> None:
+    service.stop()
+    shutil.rmtree(apps[A1].path)  # while stopped: no watcher
+    service.start()
+    shutil.rmtree(apps[B2].path)
+    wait_until(lambda: not has_row(probe, B2), what="a removal after the restart")
+    assert_removed(probe, apps[B2])
+    assert has_row(probe, A1), "nothing watched while stopped; the next sweep finds it"
