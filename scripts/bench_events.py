@@ -269,6 +269,14 @@ class Daemon:
             return ""
         return "\n".join(text.splitlines()[-lines:])
 
+    def problems(self) -> list[str]:
+        """The WARNING and ERROR lines the daemon logged so far."""
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return []
+        return [line for line in text.splitlines() if " WARNING " in line or " ERROR " in line]
+
     def wait_ready(self, timeout: float = READY_TIMEOUT_SECONDS) -> float:
         """Wait until this process's start-up sweep finished (its watches are set up before the
         sweep starts); the seconds it took since the process was spawned."""
@@ -376,6 +384,31 @@ def status_kib(pid: int, key: str) -> int:
     raise KeyError(key)
 
 
+def load_average() -> float:
+    """The machine's 1-minute load average (how many runnable tasks share its cores)."""
+    return os.getloadavg()[0]
+
+
+def note_load(result: Result, before: float) -> None:
+    """Record how busy the machine was: the figures of a shared machine need that context."""
+    after = load_average()
+    result.details["load_average_1min"] = {"before": before, "after": after}
+    result.notes.append(
+        f"machine load average (1 min): {before:.1f} before, {after:.1f} after,"
+        f" on {os.cpu_count()} cores"
+    )
+
+
+def note_problems(result: Result, lines: Iterable[str], limit: int = 5) -> None:
+    """Show the first WARNING/ERROR lines a contestant logged (all of them in details)."""
+    found = list(lines)
+    if found:
+        result.details.setdefault("logged_problems", []).extend(found)
+        result.notes += [f"logged: {line}" for line in found[:limit]]
+        if len(found) > limit:
+            result.notes.append(f"... and {len(found) - limit} more logged problem line(s)")
+
+
 def percentile(samples: Sequence[float], fraction: float) -> float:
     """The ``fraction`` quantile by linear interpolation between closest ranks."""
     if not samples:
@@ -475,6 +508,7 @@ def latency(options: Options) -> Result:
     outside = options.workdir / "latency" / "moved-away"
     database = options.workdir / "latency" / "app.db"
     removal_seconds: dict[str, list[float]] = {kind: [] for kind in KINDS}
+    load = load_average()
     result = Result(
         entry="latency",
         title="one app dir removed → its row gone and its tasks cancelled (daemon, SQLite file,"
@@ -517,9 +551,11 @@ def latency(options: Options) -> Result:
             finally:
                 connection.close()
             result.details["daemon_ready_seconds"] = daemon.ready_seconds
+        note_problems(result, daemon.problems())
     finally:
         remove_tree(options.workdir / "latency")
     _latency_figures(result, removal_seconds, judged=not options.quick)
+    note_load(result, load)
     return result
 
 
@@ -633,6 +669,7 @@ def burst(options: Options) -> Result:
                                 " shutil.rmtree returns")],
     )
     rm_seconds: list[float] = []
+    load = load_average()
     try:
         base.mkdir(parents=True)
         seeded = seed_database(base_db, keys + others, active_per_app=size.active_per_app)
@@ -643,7 +680,8 @@ def burst(options: Options) -> Result:
             "runs": options.runs,
         }
         for run in range(options.runs):
-            seconds, rm_took, verdict = _burst_run(base, base_db, keys, others, size)
+            seconds, rm_took, verdict, problems = _burst_run(base, base_db, keys, others, size)
+            note_problems(result, problems)
             result.contestant("fswatch_sync").samples.append(seconds)
             rm_seconds.append(rm_took)
             options.log(f"burst run {run + 1}/{options.runs}: rm took {rm_took:.2f} s, handled"
@@ -659,12 +697,15 @@ def burst(options: Options) -> Result:
     if rm_seconds:
         result.notes.append(f"the rm -rf itself took {statistics.median(rm_seconds):.2f} s"
                             " (median), during which the daemon was already removing rows")
+    note_load(result, load)
     return result
 
 
 def _burst_run(
     base: Path, base_db: Path, keys: list[AppKey], others: list[AppKey], size: BurstSize
-) -> tuple[float, float, str]:
+) -> tuple[float, float, str, list[str]]:
+    """One burst: seconds from rm's return to all handled, rm's own seconds, what was wrong
+    (empty when nothing), and the problems the daemon logged."""
     run_dir = base / "run"
     remove_tree(run_dir)
     root = run_dir / "apps"
@@ -685,7 +726,7 @@ def _burst_run(
         f" (SELECT count(*) FROM {APPS_TABLE})"
     )
     try:
-        with running_daemon(root, database, base / "burst-daemon.log"):
+        with running_daemon(root, database, base / "burst-daemon.log") as daemon:
             connection = reader(database)
             state: tuple[int, int, int, int] = connection.execute(query, (victim,)).fetchone()
 
@@ -701,13 +742,15 @@ def _burst_run(
                 seen = poll_until(handled, timeout=30.0)
             finally:
                 connection.close()
+        problems = daemon.problems()
     finally:
         remove_tree(run_dir)
     rm_took = returned - started
     if seen is None:
-        return 30.0, rm_took, f"not all handled within 30 s (rows, active, cancelled) = {state[:3]}"
+        missed = f"not all handled within 30 s (rows, active, cancelled) = {state[:3]}"
+        return 30.0, rm_took, missed, problems
     verdict = ""
     if state[2] != expected_cancelled or state[3] != len(others):
         verdict = (f"{state[2]} tasks cancelled (expected {expected_cancelled}),"
                    f" {state[3]} rows left (expected {len(others)})")
-    return max(seen - returned, 0.0), rm_took, verdict
+    return max(seen - returned, 0.0), rm_took, verdict, problems

@@ -24,6 +24,9 @@ from bench_events import (
     APP_SUBDIRS,
     cpu_seconds,
     inotify_watches,
+    load_average,
+    note_load,
+    note_problems,
     running_daemon,
     shared_tree,
     status_kib,
@@ -63,9 +66,10 @@ def idle_window(process: subprocess.Popen[bytes] | subprocess.Popen[str], window
 
 
 def run_fswatch_sync(root: Path, database: Path, log_path: Path, window: float
-                     ) -> tuple[float, int, int, int]:
+                     ) -> tuple[tuple[float, int, int, int], list[str]]:
+    """The idle window's figures, and the problems the daemon logged."""
     with running_daemon(root, database, log_path) as daemon:
-        return idle_window(daemon.process, window)
+        return idle_window(daemon.process, window), daemon.problems()
 
 
 def run_watchdog(root: Path, log_path: Path, window: float) -> tuple[float, int, int, int]:
@@ -97,6 +101,7 @@ def idle(options: Options) -> Result:
     watches: dict[str, list[int]] = {name: [] for name in NAMES}
     lost: list[int] = []
     tree = shared_tree(options, size.models, size.apps_per_model)
+    load = load_average()
     database = options.workdir / "run.db"
     result.sizes = {"apps": len(tree.keys), "subdirs_per_app": subdir_count(APP_SUBDIRS),
                     "tasks": len(tree.keys) * 10, "window_seconds": window,
@@ -107,9 +112,10 @@ def idle(options: Options) -> Result:
             for name in NAMES[shift:] + NAMES[:shift]:
                 if name == "fswatch_sync":
                     tree.fresh_database(database)
-                    cpu, rss, hwm, count = run_fswatch_sync(
+                    (cpu, rss, hwm, count), problems = run_fswatch_sync(
                         tree.root, database, options.workdir / "daemon.log", window
                     )
+                    note_problems(result, problems)
                 else:
                     log_path = options.workdir / "watchdog.log"
                     cpu, rss, hwm, count = run_watchdog(tree.root, log_path, window)
@@ -154,4 +160,5 @@ def idle(options: Options) -> Result:
             " re-adds every watch, walking the tree again; it never settles, and while it"
             " rebuilds most of the tree is unwatched"
         )
+    note_load(result, load)
     return result

@@ -34,6 +34,8 @@ from bench_events import (
     APP_SUBDIRS,
     clean_environment,
     inotify_watches,
+    load_average,
+    note_load,
     shared_tree,
     status_kib,
     subdir_count,
@@ -201,6 +203,7 @@ def watch(options: Options) -> Result:
     rss: dict[str, list[int]] = {name: [] for name in names}
     lost: dict[str, list[int]] = {name: [] for name in names}
     tree = shared_tree(options, size.models, size.apps_per_model)
+    load = load_average()
     database = options.workdir / "run.db"
     result.sizes = {"model_dirs": size.models, "apps": len(tree.keys),
                     "subdirs_per_app": subdir_count(APP_SUBDIRS),
@@ -249,4 +252,5 @@ def watch(options: Options) -> Result:
             " of the tree queues open/close events); each overflow drops and rebuilds every"
             " watch (see the idle entry)"
         )
+    note_load(result, load)
     return result
