@@ -771,6 +771,7 @@ def compare(
 ) -> Result:
     """Run every contestant ``runs`` times on copies of one dataset, interleaved, and verify."""
     dataset = build_dataset(scale, workdir, log)
+    load_before = os.getloadavg()[0]
     chosen = list(contestants)
     result = Result(
         entry=name,
@@ -841,7 +842,14 @@ def compare(
             "longest write transaction (SQLite write lock held), worst run: "
             + ", ".join(f"{c} {format_seconds(v)}" for c, v in held.items())
         )
+    load_after = os.getloadavg()[0]
+    cores = os.cpu_count() or 1
+    result.notes.append(
+        f"1-minute load average {load_before:.1f} before, {load_after:.1f} after, on {cores} cores"
+        + (" (other jobs were running: wall times are inflated)" if load_before > cores else "")
+    )
     result.details = {
+        "load_average": [load_before, load_after],
         "cpu_seconds": cpu,
         "longest_write_seconds": longest_write,
         "scale": scale.__dict__,
