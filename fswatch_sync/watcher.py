@@ -154,7 +154,12 @@ class Watcher:
             self._root_watch = None
             self._epoch += 1
         for name in _OVERFLOW_LOGGERS:
-            logging.getLogger(name).addHandler(self._overflow_detector)
+            logger = logging.getLogger(name)
+            logger.addHandler(self._overflow_detector)
+            if not logger.isEnabledFor(logging.WARNING):
+                # A host that quieted watchdog (to ERROR, say) would otherwise silence the only
+                # sign of lost events: that logger (alone) is let through at WARNING again.
+                logger.setLevel(logging.WARNING)
         try:
             # The parent is watched so the root's own removal and return are seen.
             observer.schedule(self._handler, str(self.root.parent), recursive=False)
