@@ -104,3 +104,10 @@ def test_the_property_finds_a_removal_that_ignores_its_recheck(
                      rng_seed=0, shrink=False)
     text = _failure_text(caught.value)
     assert "re-check" in text or "was back before" in text, text
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+def test_race_reactor_recreate_quick_rounds(backend: str, tmp_path: Path) -> None:
+    harness.run_quick_in_pytest("race-reactor-recreate", backend, tmp_path)

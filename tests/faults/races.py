@@ -31,6 +31,7 @@ that must agree:
 from __future__ import annotations
 
 import dataclasses
+import random
 import threading
 import time
 from collections import Counter
@@ -62,6 +63,7 @@ from faults.kit import (
     remove_tree,
     settings_for,
     task_rows,
+    wait_until,
 )
 from faults.servers import scratch_database
 from fswatch_sync import db, signals
@@ -470,23 +472,27 @@ def run_example(plan: Plan, rig: Rig, root: Path) -> Log:
 # -- the invariants ----------------------------------------------------------------------------
 
 
-def check_example(plan: Plan, pks: list[int], root: Path, probe: Engine, log: Log) -> None:
-    tasks = task_rows(probe)
-    journal = journal_rows(probe)
-    present = app_keys(probe)
-    flat = plan.flat_tasks
-    seeded = {pks[i]: status for i, (_app, status, _old) in enumerate(flat)}
-    # 1. One chain per task from the seeded status to the final row.
+def task_journal(journal: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in journal if e["table_name"] == TASKS.name
+            and e["action"] in ("task_cancelled", "task_failed")]
+
+
+def check_task_chains(
+    seeded: dict[int, str],
+    runner: list[tuple[int, str, str, bool]],
+    journal: list[dict[str, Any]],
+    tasks: dict[int, dict[str, Any]],
+) -> None:
+    """Zero lost updates: per task, the runner's successful steps and the journal's changes
+    form one chain from the seeded status to the row's final status."""
     transitions: dict[int, list[tuple[str, str, str]]] = {pk: [] for pk in seeded}
     runner_final: dict[int, str] = {}
-    for pk, old, new, took in log.runner:
+    for pk, old, new, took in runner:
         if took:
             transitions[pk].append((old, new, "runner"))
             if new not in ACTIVE:
                 runner_final[pk] = new
-    task_entries = [e for e in journal if e["table_name"] == TASKS.name
-                    and e["action"] in ("task_cancelled", "task_failed")]
-    for entry in task_entries:
+    for entry in task_journal(journal):
         transitions[journal_task_pk(entry)].append(
             (entry["old_status"], entry["new_status"], f"tool:{entry['source']}")
         )
@@ -511,6 +517,17 @@ def check_example(plan: Plan, pks: list[int], root: Path, probe: Engine, log: Lo
         assert tasks[pk]["status"] == outcome, (
             f"lost update: the runner {outcome} task {pk}, the row says {tasks[pk]['status']}"
         )
+
+
+def check_example(plan: Plan, pks: list[int], root: Path, probe: Engine, log: Log) -> None:
+    tasks = task_rows(probe)
+    journal = journal_rows(probe)
+    present = app_keys(probe)
+    flat = plan.flat_tasks
+    seeded = {pks[i]: status for i, (_app, status, _old) in enumerate(flat)}
+    # 1. One chain per task from the seeded status to the final row.
+    check_task_chains(seeded, log.runner, journal, tasks)
+    task_entries = task_journal(journal)
     # 2. The journal and what the operations returned are the same set of changes.
     returned = sorted((c.pk, c.old_status, c.new_status) for c in log.tool)
     journalled = sorted(
@@ -621,6 +638,159 @@ def race_runner_vs_tool(run: Run) -> str:
         f" {seen['apps removed']} apps removed, {seen['recreated']} dirs recreated mid-run"
         f" ({seen['back at re-check']} re-checks found one back: row kept); no lost update,"
         " journal complete"
+    )
+
+
+# -- the same races through a running Service (the reactor) ----------------------------------
+
+
+def free_runner(
+    engine: Engine, pks: list[int], seeded: dict[int, str], rng: random.Random,
+    stop: threading.Event, log: Log,
+) -> None:
+    """A task runner that keeps moving random tasks on until told to stop."""
+    believed = dict(seeded)
+    try:
+        while not stop.is_set():
+            live = [pk for pk in pks if believed[pk] in ACTIVE]
+            if not live:
+                return
+            pk = rng.choice(live)
+            old = believed[pk]
+            new = "running" if old == "pending" else rng.choice(("completed", "failed"))
+            took = _cas(engine, pk, old, new)
+            with log.lock:
+                log.runner.append((pk, old, new, took))
+            believed[pk] = new if took else "lost"
+            stop.wait(rng.uniform(0, 0.004))  # pacing, not waiting for an outcome
+    except Exception as exc:
+        with log.lock:
+            log.errors.append(f"runner: {type(exc).__name__}: {exc}")
+
+
+def reactor_round(url: str, workdir: Path, rng: random.Random, apps: int = 8) -> Counter[str]:
+    """One running Service; each of ``apps`` app directories is ``rm -rf``'d once, most of them
+    recreated after 0-30 ms, while a runner moves their tasks on. Then the same three accounts
+    as the property: task chains, journal, and rows against the reactor's recorded re-checks."""
+    from fswatch_sync import reactor as reactor_module
+    from fswatch_sync.service import Service
+
+    root = workdir / "generated" / "apps"
+    remove_tree(root)
+    keys = [AppKey(SLUG, n) for n in range(1, apps + 1)]
+    sentinel, bystander = AppKey("n", 1), AppKey("n", 2)
+    log = Log()
+    seen: Counter[str] = Counter()
+    runner = runner_engine(url)
+    try:
+        clear_rows(runner)
+        old, fresh = db.utcnow() - timedelta(hours=2), db.utcnow() - timedelta(minutes=1)
+        for key in (*keys, sentinel, bystander):
+            (root / key.model_slug / f"app{key.app_number}" / "src").mkdir(parents=True)
+        insert_apps(runner, [(key, old) for key in (*keys, sentinel, bystander)])
+        seeds = [TaskSeed(f"{k.app_number}-{status}", k, status, fresh,
+                          fresh if status == "running" else None)
+                 for k in keys for status in ACTIVE]
+        by_id = insert_tasks(runner, seeds)
+        pks = [by_id[t.task_id] for t in seeds]
+        seeded = {by_id[t.task_id]: t.status for t in seeds}
+        names = vars(reactor_module)
+        original = names["app_exists"]
+
+        def recorded(root_: Path, key: AppKey) -> bool:
+            with log.lock:
+                back_before = key in log.recreated
+            exists = bool(original(root_, key))
+            with log.lock:
+                log.checks.append((key, exists, back_before))
+            return exists
+
+        names["app_exists"] = recorded
+        stop = threading.Event()
+        service = Service(settings_for(root, url), instance_id="race-reactor",
+                          initial_sweep=False)
+        thread = threading.Thread(target=free_runner,
+                                  args=(runner, pks, seeded, random.Random(rng.random()),
+                                        stop, log), name="free-runner")
+        try:
+            service.start()
+            thread.start()
+            for key in rng.sample(keys, len(keys)):
+                path = root / key.model_slug / f"app{key.app_number}"
+                remove_tree(path)
+                if rng.random() < 0.75:
+                    delay = rng.choice((0.0, 0.0, 0.001, 0.002, 0.005, 0.01, 0.03))
+                    if delay:
+                        time.sleep(delay)  # the regenerator's timing, not a wait for a result
+                    path.mkdir()
+                    with log.lock:
+                        log.recreated[key] = time.monotonic()
+                time.sleep(rng.uniform(0, 0.02))
+            remove_tree(root / sentinel.model_slug / f"app{sentinel.app_number}")
+            wait_until(lambda: sentinel not in app_keys(runner), timeout=60,
+                       what="the sentinel's removal (every earlier event applied)")
+            wait_until(lambda: service.reactor.pending() == 0, what="the reactor's queue empty")
+            stats = service.status_stats()
+        finally:
+            stop.set()
+            thread.join(30)
+            service.stop()
+            names["app_exists"] = original
+        assert not log.errors, log.errors
+        assert stats.get("errors", 0) == 0, stats
+        tasks = task_rows(runner)
+        journal = journal_rows(runner)
+        present = app_keys(runner)
+    finally:
+        runner.dispose()
+    check_task_chains(seeded, log.runner, journal, tasks)
+    removed = {AppKey(e["model_slug"], e["app_number"])
+               for e in journal if e["action"] == "app_removed"}
+    assert removed == {*keys, sentinel, bystander} - present, (removed, present)
+    assert bystander in present, "an app nobody touched lost its row"
+    for key, exists, back_before in log.checks:
+        if back_before:
+            assert exists, f"{key}: its directory was back before the re-check, which missed it"
+    for key in keys:
+        checks = [exists for k, exists, _b in log.checks if k == key]
+        if key in removed:
+            assert False in checks, f"{key} removed without a re-check finding it absent"
+        elif key not in log.recreated:
+            raise AssertionError(f"{key}: removed from disk, never back, still has its row")
+    for pk, row in tasks.items():
+        if AppKey(row["target_model"], int(row["target_app_number"])) in removed:
+            assert row["status"] not in ACTIVE, f"task {pk} of a removed app is {row['status']}"
+    seen["deletions"] += len(keys)
+    seen["recreated"] += len(log.recreated)
+    seen["kept"] += sum(1 for key in log.recreated if key in present)
+    seen["runner moves"] += len(log.runner)
+    seen["runner lost"] += sum(1 for *_rest, took in log.runner if not took)
+    return seen
+
+
+@scenario(
+    "race-reactor-recreate",
+    backends=("sqlite", "postgres", "mysql"),
+    quick=2,
+    long=60,
+    summary="a running Service while app dirs are rm -rf'd and most recreated 0-30 ms later,"
+    " and a task runner moves their tasks on: rows kept when the reactor's re-check found the"
+    " directory back, removed otherwise (never without an absent re-check), no lost update,"
+    " journal = removals, an untouched app keeps its row",
+    timeout_s=1800,
+)
+def race_reactor_recreate(run: Run) -> str:
+    assert run.backend is not None
+    rng = run.rng()
+    seen: Counter[str] = Counter()
+    with scratch_database(run.backend, run.workdir) as url:
+        prepare_database(url)
+        for _ in range(run.rounds):
+            seen += reactor_round(url, run.workdir, rng)
+    return (
+        f"{run.rounds} service runs: {seen['deletions']} rm -rf, {seen['recreated']} recreated"
+        f" ({seen['kept']} kept their row: back at the re-check), {seen['runner moves']} runner"
+        f" moves ({seen['runner lost']} lost to the reactor); no lost update"
     )
 
 
