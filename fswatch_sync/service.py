@@ -18,6 +18,8 @@ import time
 from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from fswatch_sync import db, records, signals
 from fswatch_sync.errors import LeaseUnavailable, SweepRefused
 from fswatch_sync.layout import any_app_dir, root_present, scan_apps
@@ -268,7 +270,12 @@ class Service:
 
     def _swept_recently(self) -> bool:
         """Another instance finished a sweep within half a period: this one skips its turn."""
-        for sweep in records.recent_sweeps(self.store.engine, limit=5):
+        try:
+            sweeps = records.recent_sweeps(self.store.engine, limit=5)
+        except Exception as exc:  # the sweep itself will meet the error, log it and retry
+            log.warning("cannot read the recent sweeps: %s", _first_line(exc))
+            return False
+        for sweep in sweeps:
             if sweep["outcome"] == "ok" and sweep["finished_at"]:
                 finished = datetime.fromisoformat(sweep["finished_at"])
                 age = db.utcnow() - finished
@@ -374,6 +381,9 @@ class Service:
                 if time.monotonic() - last_beat >= self.settings.heartbeat_seconds:
                     last_beat = time.monotonic()
                     self._heartbeat()
+            except SQLAlchemyError as exc:
+                self.stats.add("errors")
+                log.warning("monitor: the database did not answer: %s", _first_line(exc))
             except Exception:
                 self.stats.add("errors")
                 log.exception("monitor check failed")
@@ -423,3 +433,8 @@ class Service:
             "stats": self.status_stats(),
             "settings": describe(self.settings),
         }
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

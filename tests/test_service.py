@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -42,8 +43,9 @@ from helpers import (
     wait_until,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 
-from fswatch_sync import db, signals
+from fswatch_sync import db, records, signals
 from fswatch_sync.layout import AppKey
 from fswatch_sync.service import STOP_TOTAL_SECONDS, Service
 
@@ -418,3 +420,25 @@ def test_a_stopped_service_can_start_again(
     wait_until(lambda: not has_row(probe, B2), what="a removal after the restart")
     assert_removed(probe, apps[B2])
     assert has_row(probe, A1), "nothing watched while stopped; the next sweep finds it"
+
+
+def test_periodic_sweeps_survive_a_database_error_in_the_sweeper(
+    apps_root: Path, url: str, probe: Engine, apps: dict[AppKey, SeededApp],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    failures: list[int] = []
+
+    def unreachable(*_args: Any, **_kwargs: Any) -> list[dict[str, Any]]:
+        failures.append(1)
+        raise OperationalError("SELECT", {}, sqlite3.OperationalError("unable to open database"))
+
+    # Is another instance's sweep recent? The database cannot say right now.
+    monkeypatch.setattr(records, "recent_sweeps", unreachable)
+    settings = make_settings(apps_root, url, interval_seconds=0.05, sweep_jitter_fraction=0.0)
+    with running_service(settings) as service:
+        wait_until(lambda: len(failures) >= 3, what="several periodic turns")
+        (sweeper,) = [t for t in service._threads if t.name == "fswatch-sync-sweeper"]
+        assert sweeper.is_alive(), "the sweeper thread died"
+        wait_until(lambda: finished_sweeps(probe, "periodic"), what="a periodic sweep")
+    for app in apps.values():
+        assert_untouched(probe, app)

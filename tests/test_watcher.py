@@ -198,7 +198,7 @@ def test_root_moved_into_place_is_watched(
         assert watcher.watch_count == 1
         os.rename(parked, tree)
         wait_until(lambda: watcher.watched_models() == {SLUG, "other_model"}, what="watches")
-        assert recorder.root_changes >= 1
+        wait_until(lambda: recorder.root_changes >= 1, what="the root change")
         shutil.rmtree(tree / SLUG / "app1")
         wait_until(lambda: recorder.seen(AppGone(AppKey(SLUG, 1))), what="a hint")
     finally:
