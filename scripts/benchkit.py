@@ -78,6 +78,10 @@ class Target:
     def __str__(self) -> str:
         return f"{self.op} {self.bound:g}x"
 
+    def describe(self, unit: str) -> str:
+        """The bound of an absolute :class:`Figure`: ``<= 15 ms``, ``<= 64 watches``."""
+        return f"{self.op} {format_value(self.bound, unit)}"
+
 
 @dataclass
 class Ratio:
@@ -110,6 +114,32 @@ class Ratio:
 
 
 @dataclass
+class Figure:
+    """An absolute figure (a p99, a watch count, CPU seconds), with an optional target."""
+
+    label: str
+    value: float
+    unit: str = "s"
+    target: Target | None = None
+    judged: bool = True
+
+    @property
+    def met(self) -> bool | None:
+        if self.target is None or not self.judged:
+            return None
+        return self.target.met(self.value)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "value": self.value,
+            "unit": self.unit,
+            "target": self.target.describe(self.unit) if self.target else None,
+            "met": self.met,
+        }
+
+
+@dataclass
 class Result:
     """What one entry measured."""
 
@@ -118,6 +148,7 @@ class Result:
     sizes: dict[str, Scalar] = field(default_factory=dict)
     contestants: list[Contestant] = field(default_factory=list)
     ratios: list[Ratio] = field(default_factory=list)
+    figures: list[Figure] = field(default_factory=list)
     ok: bool = True
     notes: list[str] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
@@ -137,9 +168,18 @@ class Result:
         self.ratios.append(ratio)
         return ratio
 
+    def add_figure(
+        self, label: str, value: float, unit: str, target: Target | None, *, judged: bool
+    ) -> Figure:
+        figure = Figure(label, value, unit, target, judged)
+        self.figures.append(figure)
+        return figure
+
     @property
     def targets_met(self) -> bool:
-        return all(ratio.met is not False for ratio in self.ratios)
+        return all(ratio.met is not False for ratio in self.ratios) and all(
+            figure.met is not False for figure in self.figures
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -148,6 +188,7 @@ class Result:
             "sizes": self.sizes,
             "contestants": [c.to_dict() for c in self.contestants],
             "ratios": [r.to_dict() for r in self.ratios],
+            "figures": [f.to_dict() for f in self.figures],
             "ok": self.ok,
             "targets_met": self.targets_met,
             "notes": self.notes,
@@ -335,6 +376,22 @@ def render_result(result: Result, *, quick: bool) -> str:
         lines.append("")
         lines += _grid(rows)
         if quick:
+            lines.append("  (quick mode: small sizes, targets not judged)")
+    if result.figures:
+        rows = [["figure", "value", "target", "met"]]
+        for figure in result.figures:
+            met = figure.met
+            rows.append(
+                [
+                    figure.label,
+                    format_value(figure.value, figure.unit),
+                    figure.target.describe(figure.unit) if figure.target else "-",
+                    "-" if met is None else ("yes" if met else "NO"),
+                ]
+            )
+        lines.append("")
+        lines += _grid(rows)
+        if quick and not result.ratios:
             lines.append("  (quick mode: small sizes, targets not judged)")
     lines.append(
         "  outcome: "
