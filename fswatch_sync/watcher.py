@@ -207,9 +207,13 @@ class Watcher:
 
     # -- watches ----------------------------------------------------------------------------------
 
-    def _schedule(self, observer: BaseObserver, path: Path) -> ObservedWatch | None:
+    def _schedule(
+        self, observer: BaseObserver, path: Path, *, follow_symlink: bool = False
+    ) -> ObservedWatch | None:
         try:
-            return observer.schedule(self._handler, str(path), recursive=False)
+            return observer.schedule(
+                self._handler, str(path), recursive=False, follow_symlink=follow_symlink
+            )
         except OSError as exc:
             # Gone again before it could be watched: the watch one level up reports that.
             log.debug("cannot watch %s: %s", path, exc)
@@ -224,7 +228,9 @@ class Watcher:
         if observer is None:
             return
         if need_root:
-            watch = self._schedule(observer, self.root)
+            # The root may be a symbolic link to a volume (layout follows it): watch what it
+            # points to, not the link itself, or new model directories go unseen.
+            watch = self._schedule(observer, self.root, follow_symlink=True)
             if watch is None:
                 return
             with self._lock:
@@ -328,24 +334,12 @@ class Watcher:
 
     def handle(self, event: FileSystemEvent) -> None:
         src = os.fsdecode(event.src_path)
-        if os.path.normpath(src) == os.path.normpath(self.root):
-            if isinstance(event, DirDeletedEvent | DirMovedEvent):
-                self.forget_root()
-                self.on_root_change()
-            elif isinstance(event, DirCreatedEvent) or (
-                # A polling observer sees a root removed and recreated under the same inode
-                # number (file systems reuse them at once) only as "modified".
-                not self._root_watched() and os.path.isdir(self.root)
-            ):
-                self.rewatch()
-                self.on_root_change()
+        dest = os.fsdecode(getattr(event, "dest_path", "") or "")
+        root = os.path.normpath(self.root)
+        if os.path.normpath(src) == root or (dest and os.path.normpath(dest) == root):
+            self._root_event(event)
             return
         if isinstance(event, DirMovedEvent):
-            dest = os.fsdecode(event.dest_path)
-            if os.path.normpath(dest) == os.path.normpath(self.root):
-                self.rewatch()
-                self.on_root_change()
-                return
             self._gone(src)
             slug = slug_for_path(self.root, dest)
             if slug is not None:
@@ -358,6 +352,19 @@ class Watcher:
             slug = slug_for_path(self.root, src)
             if slug is not None:
                 self.watch_model(slug)
+
+    def _root_event(self, event: FileSystemEvent) -> None:
+        """The root itself was removed, renamed away, created, moved into place or (a symbolic
+        link) re-pointed: start its watches afresh wherever it now leads."""
+        if event.event_type in ("deleted", "moved", "created"):
+            self.forget_root()
+            self.rewatch()
+            self.on_root_change()
+        elif not self._root_watched() and os.path.isdir(self.root):
+            # A polling observer sees a root removed and recreated under the same inode number
+            # (file systems reuse them at once) only as "modified".
+            self.rewatch()
+            self.on_root_change()
 
     def _gone(self, src: str) -> None:
         key = key_for_path(self.root, src)

@@ -205,6 +205,36 @@ def test_root_moved_into_place_is_watched(
         watcher.stop()
 
 
+def test_symlinked_root_is_watched_where_it_leads(
+    tmp_path: Path, recorder: Recorder, observer_kind: str
+) -> None:
+    volume = tmp_path / "volume_a"
+    (volume / SLUG / "app1").mkdir(parents=True)
+    root = tmp_path / "generated" / "apps"
+    root.parent.mkdir()
+    root.symlink_to(volume)  # the root is a link to a mounted volume
+    watcher = make_watcher(root, recorder, observer_kind)
+    watcher.start()
+    try:
+        (root / "new_model" / "app2").mkdir(parents=True)
+        wait_until(lambda: "new_model" in watcher.watched_models(), what="the new model's watch")
+        shutil.rmtree(root / SLUG)
+        wait_until(lambda: recorder.seen(ModelGone(SLUG)), what="the model's removal")
+
+        other = tmp_path / "volume_b"  # re-pointed, as ``ln -sfn volume_b apps`` does
+        (other / "third_model" / "app3").mkdir(parents=True)
+        link = root.with_name("apps.tmp")
+        link.symlink_to(other)
+        os.replace(link, root)
+        wait_until(
+            lambda: watcher.watched_models() == {"third_model"}, what="watches on the new volume"
+        )
+        shutil.rmtree(root / "third_model" / "app3")
+        wait_until(lambda: recorder.seen(AppGone(AppKey("third_model", 3))), what="a hint")
+    finally:
+        watcher.stop()
+
+
 def test_repair_restores_a_lost_model_watch(
     watcher: Watcher, tree: Path, recorder: Recorder
 ) -> None:
