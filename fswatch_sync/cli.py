@@ -190,7 +190,8 @@ def _stderr_progress(label: str, done: int, total: int) -> None:
 
 def cmd_sweep(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
     store = open_store(settings)
-    store.ensure_tool_tables()
+    if not args.dry_run:
+        store.ensure_tool_tables()
     progress = _stderr_progress if sys.stderr.isatty() and not args.json else None
     sweeper = Sweeper(
         store, settings, instance_id=f"cli-{records.new_instance_id()}", progress=progress

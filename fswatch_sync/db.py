@@ -89,6 +89,10 @@ def read_only(engine: Engine) -> Engine:
     return engine.execution_options(**{_READ_ONLY: True})
 
 
+def is_read_only(connection: Connection) -> bool:
+    return bool(connection.get_execution_options().get(_READ_ONLY))
+
+
 def is_sqlite(engine_or_conn: Engine | Connection) -> bool:
     return engine_or_conn.dialect.name == "sqlite"
 

@@ -169,7 +169,7 @@ class Store:
     @property
     def host(self) -> HostTables:
         if self._host is None:
-            self._host = reflect_host_tables(self.engine, self.config)
+            self._host = reflect_host_tables(self.reader, self.config)
         return self._host
 
     @contextmanager
@@ -189,7 +189,10 @@ class Store:
         return db.retrying(self.retry_seconds)(function)
 
     def _locked(self, statement: Select[Any], connection: Connection) -> Select[Any]:
-        return statement.with_for_update() if db.locks_rows(connection) else statement
+        # A dry run reads through the read-only engine and takes no row locks.
+        if db.locks_rows(connection) and not db.is_read_only(connection):
+            return statement.with_for_update()
+        return statement
 
     # -- reading --------------------------------------------------------------------------------
 

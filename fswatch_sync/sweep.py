@@ -207,7 +207,9 @@ class Sweeper:
         """One full pass. Raises SweepRefused (nothing changed) or LeaseUnavailable."""
         # The lease first: taking it may wait for the previous holder's last transaction, and
         # the recorded started_at must not precede the moment this sweep held the lease.
-        self.lease.acquire_or_raise()
+        # A dry run changes nothing, not even the tool's own bookkeeping: no lease, no history.
+        if not dry_run:
+            self.lease.acquire_or_raise()
         # Every age is judged against ``now``; a naive value is read as UTC, like the database's.
         moment = db.utcnow() if now is None else db.from_db_time(now)
         assert moment is not None
@@ -215,7 +217,7 @@ class Sweeper:
         report = SweepReport(dry_run=dry_run, forced=force, started_at=moment)
         try:
             signals.send(signals.sweep_started, self.sender, trigger=trigger, dry_run=dry_run)
-            sweep_id = self.sweep_log.started(
+            sweep_id = None if dry_run else self.sweep_log.started(
                 trigger=trigger, dry_run=dry_run, forced=force, now=moment
             )
             outcome, message = "failed", None
@@ -231,13 +233,15 @@ class Sweeper:
                 raise
             finally:
                 report.duration_seconds = time.monotonic() - clock
-                self.sweep_log.finished(
-                    sweep_id, outcome=outcome, counts=report.counts(), message=message,
-                    now=db.utcnow(),
-                )
+                if sweep_id is not None:
+                    self.sweep_log.finished(
+                        sweep_id, outcome=outcome, counts=report.counts(), message=message,
+                        now=db.utcnow(),
+                    )
                 signals.send(signals.sweep_finished, self.sender, report=report)
         finally:
-            self.lease.release()
+            if not dry_run:
+                self.lease.release()
         log.info(
             "sweep %s: orphan_apps=%d orphan_tasks=%d stuck_tasks=%d old_tasks=%d blocked=%d"
             " in %.2fs",
@@ -288,7 +292,8 @@ class Sweeper:
             log.warning("sweep refused: %s", refusal)
             raise SweepRefused(refusal)
         # Scanning wrote nothing, so no commit renewed the lease meanwhile.
-        self.lease.renew()
+        if not dry_run:
+            self.lease.renew()
 
         removal = RemovalOutcome()
         if candidates:
@@ -325,7 +330,8 @@ class Sweeper:
                 _stuck_pending_condition(store, pending_cutoff),
             )
         )
-        self.lease.renew()
+        if not dry_run:
+            self.lease.renew()
         plan = classify_tasks(
             active,
             removed=set(removal.removed) if dry_run else set(),
