@@ -184,7 +184,7 @@ def crash_kill9(run: Run) -> str:
                 for index, step in enumerate(steps):
                     if index == kill_at:
                         time.sleep(delay)  # the kill point, not a wait for an outcome
-                        stats["kills inside an open write transaction"] += probe.open_transaction()
+                        stats["in-tx"] += probe.open_transaction()
                         daemon.kill9()
                     taken = apply_step(step, world, daemon)
                     if daemon.alive():
@@ -192,22 +192,22 @@ def crash_kill9(run: Run) -> str:
                     time.sleep(rng.choice(GAPS))
                 if daemon.alive():
                     time.sleep(delay)
-                    stats["kills inside an open write transaction"] += probe.open_transaction()
+                    stats["in-tx"] += probe.open_transaction()
                     daemon.kill9()
                 sweeping = [r for r in daemon.sweeps(engine) if r["finished_at"] is None]
-                stats["kills during a sweep"] += bool(sweeping)
+                stats["in-sweep"] += bool(sweeping)
                 tally = _check(world, round_number, "after kill -9", daemon, settled=False)
                 handled_now = tally.handled - stats["handled so far"]
                 stats["handled so far"] = tally.handled
                 if taken_before_kill == 0:
-                    stats["kills before any removal"] += 1
+                    stats["before"] += 1
                 elif handled_now == 0:
-                    stats["kills before the daemon acted"] += 1
+                    stats["unacted"] += 1
                 elif tally.waiting:
-                    stats["kills mid-burst (some handled, some not)"] += 1
+                    stats["mid"] += 1
                 else:
-                    stats["kills after the burst was handled"] += 1
-                stats["apps left for the restart's sweep"] += tally.waiting
+                    stats["after"] += 1
+                stats["left"] += tally.waiting
                 # While it is down: a few more removals, and new apps.
                 for step in plan_burst(rng, world)[: rng.randint(0, 2)]:
                     apply_step(step, world, daemon)
@@ -217,18 +217,18 @@ def crash_kill9(run: Run) -> str:
                     # A kill while it starts: perhaps in its start-up sweep, which has the
                     # removals made while it was down to do.
                     time.sleep(rng.uniform(0.1, 1.5))  # the kill point
-                    stats["kills inside an open write transaction"] += probe.open_transaction()
+                    stats["in-tx"] += probe.open_transaction()
                     daemon.kill9()
                     daemon.instance_id = daemon.find_instance(engine)
                     in_sweep = [r for r in daemon.sweeps(engine) if r["finished_at"] is None]
-                    stats["kills during start-up"] += 1
-                    stats["kills during the start-up sweep"] += bool(in_sweep)
+                    stats["startup"] += 1
+                    stats["startup-sweep"] += bool(in_sweep)
                     _check(world, round_number, "after a kill during start-up", daemon,
                            settled=False)
                     daemon.start(FSWATCH_SYNC_BATCH_SIZE=rng.choice(BATCH_SIZES))
                 daemon.wait_ready(engine)
                 if "skipped: another instance is sweeping" in daemon.log_text():
-                    stats["restarts that waited for the killed sweeper's lease"] += 1
+                    stats["lease-wait"] += 1
                 tally = _check(world, round_number, "after restart", daemon, settled=True)
                 stats["handled so far"] = tally.handled
             status = daemon.stop()
@@ -237,11 +237,15 @@ def crash_kill9(run: Run) -> str:
             daemon.close()
             probe.close()
             engine.dispose()
-    handled = stats.pop("handled so far")
-    kinds = ", ".join(f"{v} {k}" for k, v in sorted(stats.items()) if v)
+    kills = run.rounds + stats["startup"]
     return (
-        f"{run.rounds} kill -9 + restart; {handled} apps removed, every one fully handled and"
-        f" journalled, none half-done; DB matched disk after every restart ({kinds})"
+        f"{kills} kill -9s, {stats['handled so far']} apps removed: every one fully handled and"
+        f" journalled, none half-done, DB = disk after every restart. Kills landed: before the"
+        f" burst {stats['before']}, before the daemon acted {stats['unacted']}, mid-burst"
+        f" {stats['mid']}, after it {stats['after']}, during a sweep {stats['in-sweep']},"
+        f" during start-up {stats['startup']} (in its sweep {stats['startup-sweep']}), inside"
+        f" an open write transaction {stats['in-tx']}; {stats['left']} removals left to the"
+        f" restart's sweep; {stats['lease-wait']} restarts waited for a dead sweeper's lease"
     )
 
 

@@ -56,7 +56,7 @@ MODES = ("quick", "long", "custom")
 RESULT_KEYS = ("scenario", "rounds", "outcome", "details", "seed", "backend", "duration_s")
 SEED_ENV = "FSWATCH_SYNC_FAULT_SEED"
 REQUIRE_ENV = "FSWATCH_SYNC_REQUIRE_DATABASES"
-DETAILS_LIMIT = 400
+DETAILS_LIMIT = 600
 
 
 class Unavailable(Exception):
