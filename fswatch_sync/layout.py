@@ -7,6 +7,7 @@ directory, so such an app is simply absent.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -128,12 +129,38 @@ def app_exists(root: Path, key: AppKey) -> bool:
     directory = app_dir(root, key)
     if directory is None:
         return False
-    states = (
-        _dir_state(root, follow=True),
-        _dir_state(directory.parent, follow=False),
-        _dir_state(directory, follow=False),
-    )
-    return False not in states
+    # In order, stopping at the first proof of absence: past a model "directory" that is a
+    # symlink, the app would be looked up outside the root.
+    if _dir_state(root, follow=True) is False:
+        return False
+    return _app_state(directory.parent, directory.name) is not False
+
+
+# A handle on a directory that only names it (no read permission needed), where Linux has one.
+_DIR_HANDLE_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_NOFOLLOW
+
+
+def _app_state(model: Path, name: str) -> bool | None:
+    """Like ``_dir_state(model / name)`` for a model directory that must be real: ``model`` is
+    opened without following a symlink and ``name`` looked up through that handle, so a model
+    directory swapped for a symlink meanwhile never leads the lookup outside the root."""
+    try:
+        handle = os.open(model, _DIR_HANDLE_FLAGS)
+    except _ABSENT:
+        return False
+    except OSError as exc:
+        return False if exc.errno == errno.ELOOP else None  # ELOOP: a symlink, not a dir
+    except ValueError:
+        return False
+    try:
+        mode = os.lstat(name, dir_fd=handle).st_mode
+    except _ABSENT:
+        return False
+    except OSError:
+        return None
+    finally:
+        os.close(handle)
+    return stat.S_ISDIR(mode)
 
 
 def root_present(root: Path, marker: str = "") -> bool:
@@ -143,9 +170,22 @@ def root_present(root: Path, marker: str = "") -> bool:
     return not marker or os.path.isfile(root / marker)
 
 
-def _real_subdirs(directory: Path | str) -> Iterator[str]:
+def _open_listing(directory: Path | str, follow: bool) -> int | Path | str:
+    """What to hand ``os.scandir``: the path itself (the root, which may be a symlink), or a
+    descriptor opened without following one (a model directory: checked to be real when its
+    name was listed, it may have been swapped for a symlink since; ELOOP then)."""
+    if follow:
+        return directory
+    return os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+
+
+def _real_subdirs(directory: Path | str, *, follow: bool = True) -> Iterator[str]:
     try:
-        with os.scandir(directory) as entries:
+        target = _open_listing(directory, follow)
+    except OSError:
+        return
+    try:
+        with os.scandir(target) as entries:
             for entry in entries:
                 try:
                     if entry.is_dir(follow_symlinks=False):
@@ -154,6 +194,9 @@ def _real_subdirs(directory: Path | str) -> Iterator[str]:
                     continue
     except (FileNotFoundError, NotADirectoryError, PermissionError):
         return
+    finally:
+        if isinstance(target, int):
+            os.close(target)
 
 
 def model_dirs(root: Path) -> Iterator[str]:
@@ -161,12 +204,19 @@ def model_dirs(root: Path) -> Iterator[str]:
     return (name for name in _real_subdirs(root) if is_safe_slug(name))
 
 
-def _list_subdirs(directory: Path | str) -> list[str] | None:
-    """Names of the real subdirectories; [] when the directory is not there; None when it
-    could not be listed (permission denied, I/O error), which proves nothing about its apps."""
+def _list_subdirs(directory: Path | str, *, follow: bool = True) -> list[str] | None:
+    """Names of the real subdirectories; [] when the directory is not there (or, with
+    ``follow`` False, is a symlink); None when it could not be listed (permission denied, I/O
+    error), which proves nothing about its apps."""
     names: list[str] = []
     try:
-        with os.scandir(directory) as entries:
+        target = _open_listing(directory, follow)
+    except _ABSENT:
+        return []
+    except OSError as exc:
+        return [] if exc.errno == errno.ELOOP else None
+    try:
+        with os.scandir(target) as entries:
             for entry in entries:
                 if entry.is_dir(follow_symlinks=False):
                     names.append(entry.name)
@@ -174,6 +224,9 @@ def _list_subdirs(directory: Path | str) -> list[str] | None:
         return []
     except OSError:
         return None
+    finally:
+        if isinstance(target, int):
+            os.close(target)
     return names
 
 
@@ -205,7 +258,7 @@ def scan_tree(root: Path, slugs: Iterable[str] | None = None) -> Scan:
             slug for slug in slugs if is_safe_slug(slug) and _dir_state(root / slug, follow=False)
         )
     for slug in chosen:
-        names = _list_subdirs(os.path.join(root, slug))
+        names = _list_subdirs(os.path.join(root, slug), follow=False)
         if names is None:
             unreadable.add(slug)
             continue
@@ -224,7 +277,7 @@ def scan_apps(root: Path, slugs: Iterable[str] | None = None) -> set[AppKey]:
 def any_app_dir(root: Path) -> bool:
     """Whether at least one app directory exists (stops at the first one found)."""
     for slug in model_dirs(root):
-        for name in _real_subdirs(os.path.join(root, slug)):
+        for name in _real_subdirs(os.path.join(root, slug), follow=False):
             if parse_app_dir_name(name) is not None:
                 return True
     return False

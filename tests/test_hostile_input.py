@@ -65,3 +65,7 @@ def test_the_witnesses_see_a_read_outside(tmp_path: Path) -> None:
 )
 def test_a_root_whose_path_is_not_utf8(backend: str, tmp_path: Path) -> None:
     harness.run_quick_in_pytest("hostile-root-path", backend, tmp_path)
+
+
+def test_a_model_dir_swapped_for_a_symlink_mid_scan(tmp_path: Path) -> None:
+    harness.run_quick_in_pytest("hostile-symlink-swap", None, tmp_path)

@@ -294,7 +294,14 @@ def _deny(
     real = getattr(os, name)
 
     def fake(path: Any, *args: Any, **kwargs: Any) -> Any:
-        text = os.fspath(path)
+        # The layout lists and looks up through descriptors (no symlink followed): name the
+        # path a descriptor, or a name relative to one, stands for.
+        if isinstance(path, int):
+            text = os.readlink(f"/proc/self/fd/{path}")
+        elif kwargs.get("dir_fd") is not None:
+            text = os.path.join(os.readlink(f"/proc/self/fd/{kwargs['dir_fd']}"), path)
+        else:
+            text = os.fspath(path)
         if text == os.fspath(denied) or (below and text.startswith(os.fspath(denied) + "/")):
             raise OSError(error, os.strerror(error), text)
         return real(path, *args, **kwargs)

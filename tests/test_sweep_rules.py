@@ -382,8 +382,10 @@ def _deny_listing(monkeypatch: pytest.MonkeyPatch, denied: Path) -> None:
     real = os.scandir
 
     def fake(path: Any) -> Any:
-        if os.fspath(path) == os.fspath(denied):
-            raise PermissionError(13, "Permission denied", os.fspath(path))
+        # A model directory is listed through a descriptor opened without following a symlink.
+        text = os.readlink(f"/proc/self/fd/{path}") if isinstance(path, int) else os.fspath(path)
+        if text == os.fspath(denied):
+            raise PermissionError(13, "Permission denied", text)
         return real(path)
 
     monkeypatch.setattr(os, "scandir", fake)

@@ -37,7 +37,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from faults.harness import Run, scenario
+from faults.harness import Run, Unavailable, scenario
 from faults.kit import (
     InotifyAccessWatch,
     ReadAudit,
@@ -449,6 +449,100 @@ def scenario_root_path(database_url: str, workdir: Path) -> dict[str, Any]:
     return {"root": os.fsdecode(root_bytes)}
 
 
+# -- a model directory swapped for a symlink while the tool looks ---------------------------
+
+SWAPPER = """
+import os, sys, time
+root, seconds = sys.argv[1], float(sys.argv[2])
+end = time.monotonic() + seconds
+swaps = 0
+while time.monotonic() < end:
+    os.rename(root + '/evil', root + '/.evil-real'); os.rename(root + '/.evil-link', root + '/evil')
+    os.rename(root + '/evil', root + '/.evil-link'); os.rename(root + '/.evil-real', root + '/evil')
+    swaps += 1
+print(swaps)
+"""
+
+# The looker: what the sweep, the reactor's re-check and the root checks do to the disk, in a
+# loop, in a process without CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH, so that the outside
+# directory's mode 000 holds for it: every listing of, or lookup in, the outside directory is
+# refused by the kernel, and every refusal is recorded here before the code under test sees
+# (and perhaps swallows) it. The kernel checks at the very instant of the call: no race in the
+# witness, whatever instant the swap lands at.
+LOOKER = """
+import json, os, sys, time
+from pathlib import Path
+denied = []
+def witness(function):
+    def call(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except PermissionError:
+            denied.append(f"{function.__name__} {args[0]!r}")
+            raise
+    return call
+for name in ("stat", "lstat", "scandir", "listdir", "open"):
+    setattr(os, name, witness(getattr(os, name)))
+from fswatch_sync.layout import AppKey, any_app_dir, app_exists, model_dirs, root_present
+from fswatch_sync.layout import scan_tree
+root, seconds = Path(sys.argv[1]), float(sys.argv[2])
+keys = [AppKey("evil", 1), AppKey("evil", 2), AppKey("evil", 3), AppKey("m", 1)]
+print("ready", flush=True)
+sys.stdin.readline()
+end, rounds = time.monotonic() + seconds, 0
+while time.monotonic() < end:
+    scan_tree(root); any_app_dir(root); list(model_dirs(root)); root_present(root)
+    for key in keys:
+        app_exists(root, key)
+    rounds += 1
+print(json.dumps({"rounds": rounds, "denied": len(denied), "examples": denied[:5]}))
+"""
+
+
+def scenario_symlink_swap(workdir: Path, seconds: float) -> dict[str, Any]:
+    """A model directory ``evil`` (real, with apps) is swapped, by another process as fast as
+    it can rename, with a symlink to a directory outside the root and back, while a looker
+    process does what the sweep and the reactor do to the disk. The outside directory is mode
+    000 and the looker runs without the capabilities that let root ignore that, so any listing
+    of or lookup in it — at whatever instant the swap lands — is refused and recorded."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        raise Unavailable("needs root and setpriv to run the looker without DAC capabilities")
+    root = workdir / "generated" / "apps"
+    outside = workdir / "outside"
+    for path in (root / "evil" / "app1", root / "evil" / "app2", root / "m" / "app1",
+                 outside / "app1", outside / "app2", outside / "app3"):
+        path.mkdir(parents=True)
+    os.symlink(outside, root / ".evil-link")
+    os.chmod(outside, 0o000)
+    drop = "-dac_override,-dac_read_search"
+    looker = subprocess.Popen(
+        ["setpriv", f"--bounding-set={drop}", f"--inh-caps={drop}", sys.executable, "-c",
+         LOOKER, str(root), str(seconds)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert looker.stdout is not None and looker.stdin is not None
+        assert looker.stdout.readline().strip() == "ready"
+        swapper = subprocess.Popen(
+            [sys.executable, "-c", SWAPPER, str(root), str(seconds + 0.5)],
+            stdout=subprocess.PIPE, text=True,
+        )
+        looker.stdin.write("go\n")
+        looker.stdin.flush()
+        out, _ = looker.communicate(timeout=seconds + 60)
+        swaps, _ = swapper.communicate(timeout=60)
+    finally:
+        os.chmod(outside, 0o755)
+        if looker.poll() is None:
+            looker.kill()
+    assert looker.returncode == 0, out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["denied"] == 0, (
+        f"{result['denied']} listing(s)/lookup(s) outside the root: {result['examples']}"
+    )
+    return {"rounds": result["rounds"], "swaps": int(swaps.strip() or 0)}
+
+
 # -- hostile settings ------------------------------------------------------------------------
 
 # (label, environment, TOML text) — each must stop the program with exit 2 and one line.
@@ -711,6 +805,28 @@ def hostile_root_path(run: Run) -> str:
             (run.workdir / f"round{index}").mkdir()
             scenario_root_path(url, run.workdir / f"round{index}")
     return f"{run.rounds} round(s): service, reactor, sweep and refusal all fine"
+
+
+@scenario(
+    "hostile-symlink-swap",
+    quick=1,
+    long=10,
+    summary="another process swaps a model directory with a symlink to outside the root and"
+    " back as fast as rename allows, while a process doing what the sweep and the reactor do"
+    " to the disk (scan, re-check, root checks) runs without DAC capabilities against a mode"
+    " 000 outside directory: the kernel refuses, and the witness records, any listing of or"
+    " lookup in it",
+    timeout_s=600,
+)
+def hostile_symlink_swap(run: Run) -> str:
+    rounds = swaps = 0
+    seconds = 2.0 if run.quick else 10.0
+    for index in range(run.rounds):
+        result = scenario_symlink_swap(run.workdir / f"round{index}", seconds)
+        rounds += int(result["rounds"])
+        swaps += int(result["swaps"])
+    return (f"{run.rounds} x {seconds:g} s: {swaps} swaps during {rounds} rounds of scan,"
+            " re-check and root checks; not one listing of or lookup in the outside directory")
 
 
 @scenario(

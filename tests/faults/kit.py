@@ -5,8 +5,9 @@ engine of its own, never the tool's), real directories, and two independent witn
 the process reads from the disk:
 
 * :class:`ReadAudit` — a CPython audit hook that sees every ``open``, ``os.scandir`` and
-  ``os.listdir`` made by any thread of this process, so a scan that strays outside the root is
-  caught even when the code swallows the error it would get;
+  ``os.listdir`` made by any thread of this process, and a wrapper of ``os.stat``/``os.lstat``
+  that sees in which directory each path is looked up, so a scan that strays outside the root
+  is caught even when the code swallows the error it would get;
 * :class:`InotifyAccessWatch` — the kernel's own account: an inotify watch with ``IN_OPEN`` and
   ``IN_ACCESS`` on the directories that must never be read, which also sees what C code does.
 
@@ -213,6 +214,37 @@ _AUDITED = frozenset({"open", "os.scandir", "os.listdir"})
 _audit_lock = threading.Lock()
 _audit_targets: list[ReadAudit] = []
 _audit_installed = False
+_in_hook = threading.local()
+_ORIGINAL_STAT, _ORIGINAL_LSTAT = os.stat, os.lstat
+
+
+def _stat_hook(original: Callable[..., os.stat_result], event: str) -> Callable[..., Any]:
+    """``os.stat``/``os.lstat`` recording the directory each path is looked up in.
+
+    A stat has no audit event, yet ``lstat(root/evil/app1)`` with ``evil`` a symlink looks
+    ``app1`` up in the directory outside: that is a read outside the root too.
+    """
+
+    def hooked(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        if (
+            _audit_targets
+            and not getattr(_in_hook, "active", False)
+            and kwargs.get("dir_fd") is None
+            and isinstance(path, str | bytes | os.PathLike)
+        ):
+            _in_hook.active = True
+            try:
+                text = os.fsdecode(path)
+                looked_in = os.path.dirname(os.path.abspath(text))
+                for audit in list(_audit_targets):
+                    audit.observe(f"{event} (lookup in {looked_in})", looked_in)
+                    if event == "os.stat":
+                        audit.observe(event, text)
+            finally:
+                _in_hook.active = False
+        return original(path, *args, **kwargs)
+
+    return hooked
 
 
 def _audit_hook(event: str, args: tuple[Any, ...]) -> None:
@@ -221,8 +253,10 @@ def _audit_hook(event: str, args: tuple[Any, ...]) -> None:
     path = args[0] if args else None
     if isinstance(path, int) or path is None:
         return
+    flags = args[2] if event == "open" and len(args) > 2 and isinstance(args[2], int) else 0
+    nofollow = bool(flags & os.O_NOFOLLOW)
     for audit in list(_audit_targets):
-        audit.observe(event, path)
+        audit.observe(event, path, follow_last=not nofollow)
 
 
 class ReadAudit:
@@ -250,16 +284,29 @@ class ReadAudit:
         finally:
             self._ignored_threads.discard(ident)
 
-    def observe(self, event: str, path: object) -> None:
+    def observe(self, event: str, path: object, *, follow_last: bool = True) -> None:
+        """Record ``event`` if ``path`` resolves inside a forbidden directory (its last part
+        not followed when ``follow_last`` is False: an ``O_NOFOLLOW`` open of a symlink reads
+        nothing behind it)."""
         if threading.get_ident() in self._ignored_threads:
             return
+        reentered = getattr(_in_hook, "active", False)
+        _in_hook.active = True
         try:
             text = os.fsdecode(path) if isinstance(path, str | bytes | os.PathLike) else None
             if text is None:
                 return
-            resolved = os.path.realpath(text)
+            if follow_last:
+                resolved = os.path.realpath(text)
+            else:
+                absolute = os.path.abspath(text)
+                resolved = os.path.join(
+                    os.path.realpath(os.path.dirname(absolute)), os.path.basename(absolute)
+                )
         except (OSError, ValueError, TypeError):
             return
+        finally:
+            _in_hook.active = reentered
         for forbidden in self.forbidden:
             if resolved == forbidden or resolved.startswith(forbidden.rstrip("/") + "/"):
                 with self._lock:
@@ -272,12 +319,17 @@ class ReadAudit:
             if not _audit_installed:
                 sys.addaudithook(_audit_hook)
                 _audit_installed = True
+            if not _audit_targets:
+                os.stat = _stat_hook(_ORIGINAL_STAT, "os.stat")
+                os.lstat = _stat_hook(_ORIGINAL_LSTAT, "os.lstat")
             _audit_targets.append(self)
         return self
 
     def __exit__(self, *_exc: object) -> None:
         with _audit_lock:
             _audit_targets.remove(self)
+            if not _audit_targets:
+                os.stat, os.lstat = _ORIGINAL_STAT, _ORIGINAL_LSTAT
 
 
 _IN_ACCESS, _IN_OPEN, _IN_NONBLOCK = 0x1, 0x20, 0o4000
