@@ -308,6 +308,7 @@ def outage_sqlite_locked(run: Run) -> str:
     root.mkdir(parents=True)
     stats = OutageStats()
     holds: list[float] = []
+    stops: list[float] = []
     population = 24 if run.quick else 60
     with scratch_database("sqlite", run.workdir) as url:
         daemon = Daemon(run.workdir, daemon_settings(root, url))
@@ -327,6 +328,17 @@ def outage_sqlite_locked(run: Run) -> str:
                 lock = HeldLock(_sqlite_path(url))
                 stats.removed += _burst(rng, world, daemon, rng.randint(6, 16),
                                         min(hold / 2, 1.5), keep=6)
+                # Every third round the operator stops the daemon during the outage: it must
+                # still stop cleanly within 5 s, and its successor must finish the job.
+                stop_now = round_number % 3 == 1
+                if stop_now:
+                    began = time.monotonic()
+                    status = daemon.stop()
+                    stops.append(time.monotonic() - began)
+                    assert status == 0 and stops[-1] <= 5.0, (
+                        f"round {round_number + 1}: SIGTERM during the outage: exit status"
+                        f" {status} after {stops[-1]:.1f} s"
+                    )
                 remaining = hold - (time.monotonic() - lock.since)
                 if remaining > 0:
                     time.sleep(remaining)  # the outage's length, not a wait for an outcome
@@ -335,6 +347,9 @@ def outage_sqlite_locked(run: Run) -> str:
                     f"round {round_number + 1}: apps handled while another writer held the lock"
                 )
                 holds.append(lock.release())
+                if stop_now:
+                    daemon.start(FSWATCH_SYNC_BATCH_SIZE=rng.choice(("1", "3", "500")))
+                    daemon.wait_ready(engine)
                 try:
                     stats.converge.append(_converge(world, daemon, "the lock was released"))
                 except AssertionError as exc:
@@ -350,7 +365,9 @@ def outage_sqlite_locked(run: Run) -> str:
     return (
         f"{stats.removed} apps removed while another connection held the write lock"
         f" ({len(holds)} holds of {min(holds):.1f}-{max(holds):.1f} s); nothing changed during"
-        f" a hold, every app handled after it ({stats.converge_text()}), journal complete"
+        f" a hold, every app handled after it ({stats.converge_text()}), journal complete;"
+        f" {len(stops)} SIGTERMs during a hold stopped it cleanly (slowest"
+        f" {max(stops, default=0):.1f} s) and the restart finished the job"
     )
 
 
@@ -358,7 +375,9 @@ scenario(
     "outage-sqlite-locked", backends=("sqlite",), quick=2, long=30,
     summary="another connection holds `BEGIN IMMEDIATE` on the SQLite file for 1.5-8 s (in the"
     " long run every 10th hold 70 s, beyond the store's 60 s of retries) while app"
-    " directories are removed; nothing changes during the hold, everything is handled after it",
+    " directories are removed; nothing changes during the hold, everything is handled after it;"
+    " every third round the daemon gets SIGTERM during the hold: exit 0 within 5 s, and the"
+    " restarted daemon handles what it left",
 )(outage_sqlite_locked)
 
 
