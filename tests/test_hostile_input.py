@@ -69,3 +69,12 @@ def test_a_root_whose_path_is_not_utf8(backend: str, tmp_path: Path) -> None:
 
 def test_a_model_dir_swapped_for_a_symlink_mid_scan(tmp_path: Path) -> None:
     harness.run_quick_in_pytest("hostile-symlink-swap", None, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "backend",
+    ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres),
+     pytest.param("mysql", marks=pytest.mark.mysql)],
+)
+def test_look_alike_model_names(backend: str, tmp_path: Path) -> None:
+    harness.run_quick_in_pytest("hostile-collation", backend, tmp_path)

@@ -449,6 +449,49 @@ def scenario_root_path(database_url: str, workdir: Path) -> dict[str, Any]:
     return {"root": os.fsdecode(root_bytes)}
 
 
+# -- names a case-blind, space-padding collation confuses ----------------------------------
+
+
+def scenario_collation(database_url: str, workdir: Path) -> dict[str, Any]:
+    """Directories ``m``, ``M`` and ``m `` (trailing space) side by side. MariaDB's default
+    collation compares text case-blind and ignores trailing spaces, so a query for the app
+    ``M/app1`` or ``m /app1`` finds the row of ``m/app1``. Removing those look-alikes (the
+    reactor's hints name them) must never take ``m/app1``'s row or tasks: the removal re-checks
+    the row it actually locked. A sweep and a running Service, on every backend."""
+    root = workdir / "generated" / "apps"
+    for name in ("m/app1", "m /app1", "M/app1", "M/app2", "M/app3", "m /app3", "n/app1"):
+        (root / name / "src").mkdir(parents=True)
+    rows = [AppKey("m", 1), AppKey("M", 2), AppKey("m", 3), AppKey("n", 1)]
+    old = db.utcnow() - OLD
+    with probe_engine(database_url) as probe:
+        clear_rows(probe)
+        insert_apps(probe, [(key, old) for key in rows])
+        fresh = db.utcnow()  # not stuck: only a removal may cancel these
+        insert_tasks(probe, [TaskSeed(f"{k.model_slug}{k.app_number}", k, "pending", fresh)
+                             for k in rows])
+        service = Service(settings_for(root, database_url, max_delete_fraction=1.0),
+                          instance_id="hostile-collation")
+        service.start()
+        try:
+            # The start-up sweep: m/app3 has only look-alikes (M/app3, "m /app3") on disk.
+            wait_until(lambda: AppKey("m", 3) not in app_keys(probe), what="start-up sweep")
+            for name in ("m /app1", "M/app1", "M/app2"):
+                remove_tree(root / name)
+            remove_tree(root / "n" / "app1")  # the sentinel, last
+            wait_until(lambda: AppKey("n", 1) not in app_keys(probe), what="the sentinel")
+            wait_until(lambda: service.reactor.pending() == 0, what="an empty queue")
+            assert _service_alive(service)
+        finally:
+            service.stop()
+        present = app_keys(probe)
+        tasks = {row["task_id"]: row["status"] for row in task_rows(probe).values()}
+    assert present == {AppKey("m", 1)}, sorted(present)
+    assert tasks == {"m1": "pending", "M2": "cancelled", "m3": "cancelled", "n1": "cancelled"}, (
+        tasks
+    )
+    return {"rows": len(rows)}
+
+
 # -- a model directory swapped for a symlink while the tool looks ---------------------------
 
 SWAPPER = """
@@ -805,6 +848,26 @@ def hostile_root_path(run: Run) -> str:
             (run.workdir / f"round{index}").mkdir()
             scenario_root_path(url, run.workdir / f"round{index}")
     return f"{run.rounds} round(s): service, reactor, sweep and refusal all fine"
+
+
+@scenario(
+    "hostile-collation",
+    backends=("sqlite", "postgres", "mysql"),
+    quick=1,
+    long=5,
+    summary="model dirs m, M and 'm ' side by side (MariaDB's collation is case-blind and pads"
+    " spaces): the sweep removes m/app3 (only look-alikes on disk); rm -rf of 'm /app1' and"
+    " M/app1 never takes m/app1's row or task; M/app2 goes alone",
+    timeout_s=300,
+)
+def hostile_collation(run: Run) -> str:
+    assert run.backend is not None
+    with scratch_database(run.backend, run.workdir) as url:
+        prepare_database(url)
+        for index in range(run.rounds):
+            scenario_collation(url, run.workdir / f"round{index}")
+            remove_tree(run.workdir / f"round{index}")
+    return f"{run.rounds} round(s): look-alike removals never took m/app1"
 
 
 @scenario(
