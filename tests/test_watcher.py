@@ -88,11 +88,13 @@ def watcher(tree: Path, recorder: Recorder, observer_kind: str) -> Iterator[Watc
         started.stop()
 
 
-def settle(root: Path, recorder: Recorder) -> None:
-    """Remove a marker app in the other model and wait for its hint: earlier events are in."""
-    marker = root / "other_model" / "app3"
-    shutil.rmtree(marker)
-    wait_until(lambda: recorder.seen(AppGone(AppKey("other_model", 3))), what="the marker hint")
+def settle(root: Path, recorder: Recorder, slug: str) -> AppGone:
+    """Remove a marker app in ``slug`` and wait for its hint: that model directory's earlier
+    events are in (each watch has its own emitter, so only the same watch keeps order)."""
+    shutil.rmtree(root / slug / "app3")
+    marker = AppGone(AppKey(slug, 3))
+    wait_until(lambda: recorder.seen(marker), what="the marker hint")
+    return marker
 
 
 def test_watches_are_not_recursive(watcher: Watcher, tree: Path) -> None:
@@ -109,8 +111,8 @@ def test_files_and_directories_inside_an_app_give_no_hint(
     os.rmdir(tree / SLUG / "notes")  # not an app name
     (tree / SLUG / "README").write_text("x")
     os.unlink(tree / SLUG / "README")
-    settle(tree, recorder)
-    assert recorder.hints == [AppGone(AppKey("other_model", 3))]
+    marker = settle(tree, recorder, SLUG)
+    assert recorder.hints == [marker]
 
 
 @pytest.mark.parametrize("how", ["rmtree", "rename-out", "rename-old", "rename-prefix"])
@@ -133,7 +135,7 @@ def test_rmdir_of_an_empty_app_directory_is_a_hint(
     watcher: Watcher, tree: Path, recorder: Recorder
 ) -> None:
     (tree / SLUG / "app9").mkdir()
-    settle(tree, recorder)  # the polling observer has seen it before it goes
+    settle(tree, recorder, SLUG)  # the polling observer has seen it before it goes
     os.rmdir(tree / SLUG / "app9")
     wait_until(lambda: recorder.seen(AppGone(AppKey(SLUG, 9))), what="the app's hint")
 
