@@ -288,7 +288,9 @@ class Sweeper:
         )
         if refusal is not None:
             if not root_ok:
-                refusal = f"{root}: {refusal}"
+                # A path with a newline (or bytes that are not UTF-8) is quoted: one line.
+                shown = str(root) if str(root).isprintable() else repr(str(root))
+                refusal = f"{shown}: {refusal}"
             log.warning("sweep refused: %s", refusal)
             raise SweepRefused(refusal)
         # Scanning wrote nothing, so no commit renewed the lease meanwhile.
