@@ -80,6 +80,8 @@ class Service:
         # After the root comes back: (app directories counted, since when) until the count holds
         # still for ROOT_SETTLE_SECONDS; then the root-back sweep runs.
         self._root_back: tuple[int, float] | None = None
+        # The watcher restarted the root's watches (root gone, back, replaced, re-pointed).
+        self._root_replaced = False
         self.observer_kind = choose_observer_kind(settings.observer, settings.root)
         self.sweeper = Sweeper(self.store, settings, instance_id=self.instance_id, sender=self)
         self.reactor = Reactor(
@@ -99,7 +101,7 @@ class Service:
         return Watcher(
             self.settings.root,
             on_hint=self.reactor.submit,
-            on_root_change=self._root_changed.set,
+            on_root_change=self._on_root_change,
             on_overflow=self._on_overflow,
             observer_kind=self.observer_kind,
             polling_interval=self.settings.polling_interval_seconds,
@@ -299,6 +301,10 @@ class Service:
 
     # -- watching the root ------------------------------------------------------------------------
 
+    def _on_root_change(self) -> None:
+        self._root_replaced = True
+        self._root_changed.set()
+
     def _on_overflow(self) -> None:
         self.stats.add("errors")
         signals.send(
@@ -367,6 +373,13 @@ class Service:
                 return
             try:
                 self._update_root_state()
+                if self._root_replaced:
+                    self._root_replaced = False
+                    if self._root_state == "watching" and self._root_back is None:
+                        # Replaced without a gap the monitor saw (a symlink re-pointed, a
+                        # volume swapped): events during the re-watch may be lost, and the new
+                        # tree is another tree. Sweep it once it stops filling.
+                        self._root_back = (len(scan_apps(self.settings.root)), time.monotonic())
                 self._sweep_when_root_settled()
                 with self._watcher_lock:
                     if self._stop.is_set():

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -135,6 +136,8 @@ class Watcher:
         self._observer: BaseObserver | None = None
         self._model_watches: dict[str, ObservedWatch] = {}
         self._root_watch: ObservedWatch | None = None
+        # (device, inode) of the directory the root led to when its watch was made.
+        self._root_identity: tuple[int, int] | None = None
         self._epoch = 0
         self._model_epochs: dict[str, int] = {}
         self._handler = _Handler(self)
@@ -151,7 +154,7 @@ class Watcher:
         with self._lock:
             self._observer = observer
             self._model_watches.clear()
-            self._root_watch = None
+            self._root_watch, self._root_identity = None, None
             self._epoch += 1
         for name in _OVERFLOW_LOGGERS:
             logger = logging.getLogger(name)
@@ -175,7 +178,7 @@ class Watcher:
         with self._lock:
             observer, self._observer = self._observer, None
             self._model_watches.clear()
-            self._root_watch = None
+            self._root_watch, self._root_identity = None, None
             self._epoch += 1
         if observer is not None:
             if observer.is_alive():
@@ -230,13 +233,14 @@ class Watcher:
         if need_root:
             # The root may be a symbolic link to a volume (layout follows it): watch what it
             # points to, not the link itself, or new model directories go unseen.
+            identity = _identity(self.root)
             watch = self._schedule(observer, self.root, follow_symlink=True)
             if watch is None:
                 return
             with self._lock:
                 current = observer is self._observer and epoch == self._epoch
                 if current and self._root_watch is None:
-                    self._root_watch = watch
+                    self._root_watch, self._root_identity = watch, identity
                 kept = current or self._root_watch == watch
             if not kept:
                 _unschedule(observer, watch)
@@ -279,7 +283,7 @@ class Watcher:
             if self._root_watch is not None:
                 watches.append(self._root_watch)
             self._model_watches.clear()
-            self._root_watch = None
+            self._root_watch, self._root_identity = None, None
             self._epoch += 1
             observer = self._observer
         if observer is not None:
@@ -355,16 +359,34 @@ class Watcher:
 
     def _root_event(self, event: FileSystemEvent) -> None:
         """The root itself was removed, renamed away, created, moved into place or (a symbolic
-        link) re-pointed: start its watches afresh wherever it now leads."""
-        if event.event_type in ("deleted", "moved", "created"):
-            self.forget_root()
-            self.rewatch()
-            self.on_root_change()
-        elif not self._root_watched() and os.path.isdir(self.root):
-            # A polling observer sees a root removed and recreated under the same inode number
-            # (file systems reuse them at once) only as "modified".
-            self.rewatch()
-            self.on_root_change()
+        link) re-pointed: start its watches afresh wherever it now leads.
+
+        One change often arrives as several events (the root's own watch and its parent's, a
+        deletion and a creation); only those that find the watched root gone, replaced or its
+        watch dead restart the watches, so a restart's short blind spot is not repeated.
+        """
+        if event.event_type not in ("deleted", "moved", "created") and self._root_watched():
+            # "modified": a polling observer sees a root recreated under a reused inode number
+            # only so; with the root watched it is just a change inside it.
+            return
+        identity = _identity(self.root)
+        with self._lock:
+            same = identity is not None and identity == self._root_identity
+        if same and self._root_alive():
+            return
+        self.forget_root()
+        self.rewatch()
+        self.on_root_change()
+
+    def _root_alive(self) -> bool:
+        with self._lock:
+            observer, watch = self._observer, self._root_watch
+        if observer is None or watch is None:
+            return False
+        return any(
+            emitter.watch == watch and emitter.is_alive() and emitter.should_keep_running()
+            for emitter in list(observer.emitters)
+        )
 
     def _gone(self, src: str) -> None:
         key = key_for_path(self.root, src)
@@ -375,6 +397,15 @@ class Watcher:
         if slug is not None:
             self.forget_model(slug)
             self.on_hint(ModelGone(slug))
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the directory ``path`` leads to, or None when it is not one."""
+    try:
+        info = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return (info.st_dev, info.st_ino) if stat.S_ISDIR(info.st_mode) else None
 
 
 def _unschedule(observer: BaseObserver, watch: ObservedWatch) -> None:

@@ -270,6 +270,31 @@ def test_root_back_sweep_waits_for_the_root_to_stop_filling(
             assert_untouched(probe, app)
 
 
+def test_root_link_re_pointed_to_another_volume_is_swept_and_watched(
+    tmp_path: Path, url: str, probe: Engine
+) -> None:
+    volume_a, volume_b = tmp_path / "volume_a", tmp_path / "volume_b"
+    volume_a.mkdir()
+    root = tmp_path / "generated" / "apps"
+    root.parent.mkdir()
+    root.symlink_to(volume_a)
+    apps = seed_apps(probe, root, ALL)
+    for key in (A1, A2, A5, B1):  # the new volume lacks B2
+        (volume_b / key.model_slug / f"app{key.app_number}").mkdir(parents=True)
+    with running_service(make_settings(root, url)):
+        link = root.with_name("apps.tmp")
+        link.symlink_to(volume_b)
+        os.replace(link, root)  # ln -sfn volume_b apps
+        wait_until(lambda: finished_sweeps(probe, "root-back"), what="a sweep of the new volume")
+        assert not has_row(probe, B2)
+        assert journal_sources(probe, B2) == ["sweep"]
+        shutil.rmtree(root / SLUG / "app5")  # watched on the new volume
+        wait_until(lambda: not has_row(probe, A5), what="a removal on the new volume")
+        assert journal_sources(probe, A5) == ["reactor"]
+        for key in (A1, A2, B1):
+            assert_untouched(probe, apps[key])
+
+
 def test_root_emptied_removes_nothing(
     apps_root: Path, url: str, probe: Engine, apps: dict[AppKey, SeededApp]
 ) -> None:

@@ -227,9 +227,12 @@ def test_symlinked_root_is_watched_where_it_leads(
         (other / "third_model" / "app3").mkdir(parents=True)
         link = root.with_name("apps.tmp")
         link.symlink_to(other)
+        before = recorder.root_changes
         os.replace(link, root)
         wait_until(
-            lambda: watcher.watched_models() == {"third_model"}, what="watches on the new volume"
+            lambda: recorder.root_changes > before
+            and watcher.watched_models() == {"third_model"},
+            what="watches on the new volume",
         )
         shutil.rmtree(root / "third_model" / "app3")
         wait_until(lambda: recorder.seen(AppGone(AppKey("third_model", 3))), what="a hint")
