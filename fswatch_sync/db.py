@@ -74,6 +74,12 @@ def _make_sqlite_transactional(engine: Engine, busy_timeout_ms: int) -> None:
         cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
         # Foreign keys are enforced so that a host's constraints mean the same as on servers.
         cursor.execute("PRAGMA foreign_keys = ON")
+        # In WAL mode, NORMAL syncs at checkpoints instead of at every commit: a power loss may
+        # roll back the last commits, each one whole (host rows and journal together), and the
+        # next sweep redoes them. In rollback-journal mode the host's own durability is kept.
+        row = cursor.execute("PRAGMA journal_mode").fetchone()
+        if row is not None and str(row[0]).lower() == "wal":
+            cursor.execute("PRAGMA synchronous = NORMAL")
         cursor.close()
 
     @event.listens_for(engine, "begin")

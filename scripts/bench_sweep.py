@@ -90,7 +90,11 @@ SLUGS = (
 )
 
 # The task mix (fractions of all tasks); what is left is terminal and within the retention.
-OLD_TERMINAL = 0.10  # terminal, finished before the retention: purged
+# Two mixes: the steady state of an hourly sweep, which purges about one hour's worth of a
+# 30-day retention window (1/720 of the terminal tasks; 0.2 % is rounded up), and the backlog
+# that the very first sweep after installation meets (10 % of all tasks past the retention).
+STEADY_OLD_TERMINAL = 0.002
+BACKLOG_OLD_TERMINAL = 0.10
 STUCK = 0.005  # running or pending for hours: failed / cancelled
 ACTIVE_RECENT = 0.075  # pending or running, within the timeouts: kept (unless orphaned)
 UNKNOWN_TARGET = 0.002  # tasks whose target app never had a row (left over from the seed)
@@ -104,14 +108,17 @@ class Scale:
     missing_fraction: float = 0.10
     slugs: int = 20
     seed: int = 20260601
+    old_terminal: float = STEADY_OLD_TERMINAL
 
     @property
     def label(self) -> str:
-        return f"{self.apps}apps-{self.tasks}tasks-{self.seed}"
+        return f"{self.apps}apps-{self.tasks}tasks-{self.old_terminal}old-{self.seed}"
 
 
 FULL = Scale(apps=50_000, tasks=500_000)
 QUICK = Scale(apps=2_000, tasks=20_000)
+BACKLOG = Scale(apps=50_000, tasks=500_000, old_terminal=BACKLOG_OLD_TERMINAL)
+QUICK_BACKLOG = Scale(apps=2_000, tasks=20_000, old_terminal=BACKLOG_OLD_TERMINAL)
 
 COUNT_KEYS = ("orphan_apps", "orphan_tasks", "stuck_tasks", "old_tasks")
 
@@ -192,15 +199,15 @@ def _error_for(status: str, rng: random.Random) -> str | None:
 TaskRow = tuple[str, str, int, str, datetime | None, datetime | None, datetime | None, str | None]
 
 
-def _task(rng: random.Random, target: tuple[str, int]) -> TaskRow:
+def _task(rng: random.Random, target: tuple[str, int], old_terminal: float) -> TaskRow:
     """One task: (task_id, model, app_number, status, created, started, completed, error)."""
     task_id = f"{rng.getrandbits(128):032x}"
     roll = rng.random()
     created: datetime | None
     started: datetime | None
     completed: datetime | None = None
-    if roll < OLD_TERMINAL + (1 - OLD_TERMINAL - STUCK - ACTIVE_RECENT):
-        old = roll < OLD_TERMINAL
+    if roll < 1 - STUCK - ACTIVE_RECENT:
+        old = roll < old_terminal
         status = _terminal_status(rng)
         completed = (
             _ago(rng, RETENTION + timedelta(days=1), timedelta(days=180))
@@ -331,7 +338,7 @@ def build_dataset(scale: Scale, workdir: Path, log: Callable[[str], None]) -> Da
             target = (rng.choice(slugs), 1_000_000 + rng.randrange(1000))
         else:
             target = keys[rng.randrange(len(keys))]
-        tasks.append(_task(rng, target))
+        tasks.append(_task(rng, target, scale.old_terminal))
     # Rows are inserted in creation order, as a live table grows.
     tasks.sort(key=lambda t: t[4] or NAIVE_NOW)
     app_order = sorted(apps, key=apps.__getitem__)
@@ -868,6 +875,20 @@ def sweep(options: Options) -> Result:
         runs=options.runs,
         workdir=options.workdir,
         log=options.log,
-        title="one full sweep on a SQLite file: fswatch_sync vs the seed's algorithm vs a floor",
+        title="one hourly sweep on a SQLite file (steady state: an hour's worth of old tasks):"
+        " fswatch_sync vs the seed's algorithm vs a floor",
         judged=not options.quick,
+    )
+
+
+@entry("sweep-backlog", "the first sweep after installation: 10 % of all tasks past retention")
+def sweep_backlog(options: Options) -> Result:
+    return compare(
+        QUICK_BACKLOG if options.quick else BACKLOG,
+        runs=options.runs,
+        workdir=options.workdir,
+        log=options.log,
+        title="the first sweep on a SQLite file (a backlog: 10 % of all tasks past retention):"
+        " fswatch_sync vs the seed's algorithm vs a floor",
+        judged=False,
     )
