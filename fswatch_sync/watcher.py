@@ -349,7 +349,9 @@ class Watcher:
             if slug is not None:
                 self.watch_model(slug)
             return
-        if event.event_type == "deleted" or isinstance(event, DirDeletedEvent):
+        if isinstance(event, DirDeletedEvent):
+            # Only a directory: a file or a symbolic link named like an app was never one, and
+            # its removal says nothing (the sweep, with its grace, judges such rows).
             self._gone(src)
             return
         if isinstance(event, DirCreatedEvent):
