@@ -24,6 +24,7 @@ from fswatch_sync import db, records, signals
 from fswatch_sync.errors import LeaseUnavailable, SweepRefused
 from fswatch_sync.layout import any_app_dir, root_present, scan_apps
 from fswatch_sync.reactor import Reactor
+from fswatch_sync.records import LeaseLost
 from fswatch_sync.settings import Settings, describe
 from fswatch_sync.stats import Stats
 from fswatch_sync.store import Store
@@ -122,17 +123,31 @@ class Service:
             self.store.ensure_tool_tables()
         self.started_at = db.utcnow()
         self._stop.clear()
-        self.watcher.start()
-        self._update_root_state()
-        for name, target in (
-            ("reactor", lambda: self.reactor.run(self._stop)),
-            ("sweeper", self._sweep_loop),
-            ("monitor", self._monitor_loop),
-        ):
-            thread = threading.Thread(target=target, name=f"fswatch-sync-{name}", daemon=True)
-            self._threads.append(thread)
-            thread.start()
-        self._heartbeat()
+        try:
+            self.watcher.start()
+            self._update_root_state()
+            for name, target in (
+                ("reactor", lambda: self.reactor.run(self._stop)),
+                ("sweeper", self._sweep_loop),
+                ("monitor", self._monitor_loop),
+            ):
+                thread = threading.Thread(
+                    target=target, name=f"fswatch-sync-{name}", daemon=True
+                )
+                self._threads.append(thread)
+                thread.start()
+            self._heartbeat()
+        except BaseException:
+            # All or nothing: a start that failed half-way leaves no observer or thread behind.
+            self._stop.set()
+            self.reactor.wake()
+            self._sweep_wanted.set()
+            self._root_changed.set()
+            self.watcher.stop()
+            for thread in self._threads:
+                thread.join(timeout=2)
+            self._threads = []
+            raise
         if self.initial_sweep:
             self.request_sweep("startup")
         log.info(
@@ -262,6 +277,12 @@ class Service:
                 if not self.settings.enabled or self._swept_recently():
                     continue
                 trigger = "periodic"
+            if trigger == "startup" and self._swept_since(self.started_at):
+                # Several workers started together: the first one's sweep covers them all.
+                log.info("start-up sweep skipped: another instance swept since this one started")
+                self.stats.add("sweeps_skipped")
+                retry_trigger, retry_at, backoff = None, float("inf"), 0.0
+                continue
             if self._sweep_quietly(trigger):
                 retry_trigger, retry_at, backoff = None, float("inf"), 0.0
             elif trigger != "periodic":  # a skipped periodic sweep is the other instance's turn
@@ -284,12 +305,32 @@ class Service:
                 return age < timedelta(seconds=self.settings.interval_seconds / 2)
         return False
 
+    def _swept_since(self, moment: datetime | None) -> bool:
+        if moment is None:
+            return False
+        try:
+            sweeps = records.recent_sweeps(self.store.engine, limit=5)
+        except Exception as exc:
+            log.warning("cannot read the recent sweeps: %s", _first_line(exc))
+            return False
+        return any(
+            sweep["outcome"] == "ok"
+            and sweep["started_at"]
+            and datetime.fromisoformat(sweep["started_at"]) >= moment
+            for sweep in sweeps
+        )
+
     def _sweep_quietly(self, trigger: str) -> bool:
         """Sweep; False when the sweep was skipped or failed and should be tried again."""
         try:
             self.sweep_now(trigger=trigger)
         except LeaseUnavailable as exc:
             log.info("sweep (%s) skipped: %s; trying again later", trigger, exc)
+            return False
+        except LeaseLost as exc:
+            # Another instance took the lease over (this one stalled past it): expected, and
+            # the batch in flight was rolled back.
+            log.info("sweep (%s) stopped: %s", trigger, exc)
             return False
         except SweepRefused:
             pass  # the sweeper logged why; nothing was changed

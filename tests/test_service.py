@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from helpers import (
     OTHER_SLUG,
     SLUG,
@@ -47,7 +48,11 @@ from sqlalchemy.exc import OperationalError
 
 from fswatch_sync import db, records, signals
 from fswatch_sync.layout import AppKey
+from fswatch_sync.records import Lease
+from fswatch_sync.schema import sweeps_table
 from fswatch_sync.service import STOP_TOTAL_SECONDS, Service
+from fswatch_sync.store import Store
+from fswatch_sync.sweep import Sweeper
 
 A1, A2, A5 = AppKey(SLUG, 1), AppKey(SLUG, 2), AppKey(SLUG, 5)
 B1, B2 = AppKey(OTHER_SLUG, 1), AppKey(OTHER_SLUG, 2)
@@ -467,3 +472,30 @@ def test_periodic_sweeps_survive_a_database_error_in_the_sweeper(
         wait_until(lambda: finished_sweeps(probe, "periodic"), what="a periodic sweep")
     for app in apps.values():
         assert_untouched(probe, app)
+
+
+def test_workers_started_together_sweep_once(tmp_path: Path, apps_root: Path) -> None:
+    """A start-up sweep that found the lease taken is skipped once another instance swept."""
+    url = sqlite_url(tmp_path)
+    init_database(url)
+    settings = make_settings(apps_root, url, lease_seconds=30.0)
+    engine = db.create_engine(url)
+    other = Lease(engine, "other-worker", duration_seconds=30.0)
+    assert other.try_acquire()
+    service = Service(settings, initial_sweep=True)
+    service.start()
+    try:
+        # The other worker finishes its sweep; only then is the lease free again.
+        other.release()
+        Sweeper(Store(engine), settings, instance_id="other-worker").run()
+        wait_until(lambda: service.stats.get("sweeps_skipped") == 1, timeout=10)
+        with engine.connect() as connection:
+            mine = connection.execute(
+                sa.select(sa.func.count())
+                .select_from(sweeps_table)
+                .where(sweeps_table.c.instance_id == service.instance_id)
+            ).scalar_one()
+        assert mine == 0
+    finally:
+        service.stop()
+        engine.dispose()
