@@ -343,7 +343,14 @@ def default_host_metadata(config: SchemaConfig) -> MetaData:
         metadata,
         *task_columns,
         # The sweep finds a target's tasks and the active/terminal sets through these.
-        Index(f"ix_{config.tasks_table}_target", tasks.target_model, tasks.target_app_number),
+        # Includes the status so that "the active tasks of these apps" is answered from the
+        # index alone, without reading every finished task of each app.
+        Index(
+            f"ix_{config.tasks_table}_target",
+            tasks.target_model,
+            tasks.target_app_number,
+            tasks.status,
+        ),
         Index(f"ix_{config.tasks_table}_status", tasks.status),
     )
     return metadata

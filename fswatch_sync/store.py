@@ -93,6 +93,22 @@ def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
         yield items[start : start + size]
 
 
+def keys_clause(
+    slug_col: sa.Column[Any], number_col: sa.Column[Any], keys: Iterable[AppKey]
+) -> ColumnElement[bool]:
+    """``(slug, number) IN keys`` in the form every backend answers from an index on
+    ``(slug, number)``: one ``slug = ? AND number IN (...)`` term per model. (SQLite scans the
+    whole table for a row-value IN list.)"""
+    by_slug: dict[str, list[int]] = {}
+    for key in keys:
+        by_slug.setdefault(key.model_slug, []).append(key.app_number)
+    if not by_slug:
+        return sa.false()
+    return sa.or_(
+        *(sa.and_(slug_col == slug, number_col.in_(numbers)) for slug, numbers in by_slug.items())
+    )
+
+
 def _json_default(value: object) -> object:
     if isinstance(value, datetime | date):
         return value.isoformat()
@@ -196,14 +212,23 @@ class Store:
 
     # -- reading --------------------------------------------------------------------------------
 
-    def app_rows(self) -> list[AppRow]:
+    def app_rows(self, young_after: datetime | None = None) -> list[AppRow]:
+        """Every app row. With ``young_after``, only rows created after it carry their
+        ``created_at`` (the others read as NULL, i.e. old): the database compares, so tens of
+        thousands of timestamps are not parsed just to learn they are old."""
         host = self.host
         slug, number, created = (
             host.app_col(r) for r in ("model_slug", "app_number", "created_at")
         )
+        stamp: ColumnElement[Any] = created
+        if young_after is not None:
+            stamp = sa.case((created > db.to_db_time(young_after), created), else_=sa.null())
         with self.reader.connect() as connection:
-            result = connection.execute(sa.select(slug, number, created))
-            return [AppRow(AppKey(s, int(n)), db.from_db_time(c)) for s, n, c in result]
+            result = connection.execute(sa.select(slug, number, stamp))
+            return [
+                AppRow(AppKey(s, int(n)), None if c is None else db.from_db_time(c))
+                for s, n, c in result
+            ]
 
     def app_rows_exist(self) -> bool:
         host = self.host
@@ -295,9 +320,7 @@ class Store:
         with self._write(dry_run) as connection:
             rows = connection.execute(
                 self._locked(
-                    sa.select(host.apps).where(
-                        sa.tuple_(slug_col, number_col).in_([tuple(k) for k in keys])
-                    ),
+                    sa.select(host.apps).where(keys_clause(slug_col, number_col, keys)),
                     connection,
                 )
             ).all()
@@ -325,9 +348,11 @@ class Store:
             tasks = connection.execute(
                 self._locked(
                     sa.select(host.tasks).where(
-                        sa.tuple_(
-                            host.task_col("target_model"), host.task_col("target_app_number")
-                        ).in_([tuple(k) for k in removing]),
+                        keys_clause(
+                            host.task_col("target_model"),
+                            host.task_col("target_app_number"),
+                            removing,
+                        ),
                         host.task_col("status").in_(self.config.statuses.active),
                     ),
                     connection,

@@ -269,10 +269,10 @@ class Sweeper:
                 len(scan.unreadable),
                 ", ".join(sorted(scan.unreadable)[:5]),
             )
-        rows = store.app_rows()
+        grace = timedelta(minutes=settings.app_grace_minutes)
+        rows = store.app_rows(young_after=now - grace)
         report.app_rows, report.app_dirs = len(rows), len(present)
         report.unreadable_dirs = len(scan.unreadable)
-        grace = timedelta(minutes=settings.app_grace_minutes)
         candidates = (
             orphan_candidates(present, rows, now, grace, scan.unreadable)
             if settings.cleanup_orphan_apps
