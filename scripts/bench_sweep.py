@@ -888,6 +888,7 @@ def sweep_backlog(options: Options) -> Result:
         runs=options.runs,
         workdir=options.workdir,
         log=options.log,
+        name="sweep-backlog",
         title="the first sweep on a SQLite file (a backlog: 10 % of all tasks past retention):"
         " fswatch_sync vs the seed's algorithm vs a floor",
         judged=False,
