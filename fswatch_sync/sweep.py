@@ -223,7 +223,7 @@ class Sweeper:
             outcome, message = "failed", None
             try:
                 self._passes(report, moment, dry_run=dry_run, force=force)
-                outcome = "dry-run" if dry_run else "ok"
+                outcome = "ok"
             except SweepRefused as exc:
                 outcome, message = "refused", str(exc)
                 report.refused = str(exc)

@@ -19,7 +19,6 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from watchdog.events import (
     DirCreatedEvent,
@@ -425,7 +424,3 @@ class _Handler(FileSystemEventHandler):
             self.watcher.handle(event)
         except Exception:
             log.exception("could not handle filesystem event %r", event)
-
-
-def describe_observer(observer: Any) -> str:
-    return type(observer).__name__
