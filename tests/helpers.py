@@ -41,23 +41,31 @@ APPS = HOST.tables["generated_applications"]
 TASKS = HOST.tables["analysis_tasks"]
 
 GONE_MESSAGE = "target app is gone"
-WAIT_SECONDS = 10.0
+WAIT_SECONDS = 15.0
 
 SLUG = "openai_gpt-4"
 OTHER_SLUG = "anthropic_claude-3"
 
 
+_POLL = threading.Event()  # never set: its wait() is the tick between two looks
+
+
 def wait_until(
-    predicate: Callable[[], object], timeout: float = WAIT_SECONDS, what: str = "condition"
+    predicate: Callable[[], object],
+    timeout: float = WAIT_SECONDS,
+    what: str = "condition",
+    *,
+    interval: float = 0.005,
+    on_timeout: Callable[[], str] | None = None,
 ) -> None:
-    """Poll ``predicate`` until it is true; fail the test when ``timeout`` passes first."""
+    """Poll ``predicate`` until it is true; fail (AssertionError naming ``what``, plus what
+    ``on_timeout`` says) when ``timeout`` passes first. The one polling wait of the tests."""
     deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return
+    while not predicate():
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}")
-        time.sleep(0.005)
+            extra = f"; {on_timeout()}" if on_timeout else ""
+            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}{extra}")
+        _POLL.wait(interval)
 
 
 def stays_false(predicate: Callable[[], object], seconds: float) -> bool:
@@ -67,7 +75,7 @@ def stays_false(predicate: Callable[[], object], seconds: float) -> bool:
     while time.monotonic() < deadline:
         if predicate():
             return False
-        time.sleep(0.005)
+        _POLL.wait(0.005)
     return not predicate()
 
 

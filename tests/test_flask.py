@@ -7,7 +7,6 @@ import os
 import shutil
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from flask import Flask
+from helpers import wait_until
 
 from fswatch_sync import db, signals
 from fswatch_sync.errors import SettingsError
@@ -29,14 +29,6 @@ HOST = default_host_metadata(SchemaConfig())
 APPS = HOST.tables["generated_applications"]
 TASKS = HOST.tables["analysis_tasks"]
 SLUG = "openai_gpt-4"
-
-
-def wait_until(predicate: Callable[[], object], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
 
 
 @pytest.fixture(autouse=True)
@@ -163,13 +155,13 @@ def test_receivers_hear_of_a_removed_directory_after_commit(
     assert service.running
 
     # Started: watching, and its start-up sweep (which must leave both fresh apps alone) done.
-    wait_until(lambda: service.stats.get("watch_state") == "watching", "the watcher")
-    wait_until(lambda: service.stats.get("sweeps") >= 1, "the start-up sweep")
+    wait_until(lambda: service.stats.get("watch_state") == "watching", what="the watcher")
+    wait_until(lambda: service.stats.get("sweeps") >= 1, what="the start-up sweep")
     assert app_keys(db_path) == {AppKey(SLUG, 1), AppKey(SLUG, 2)}
     assert heard == []
 
     shutil.rmtree(apps_root / SLUG / "app1")
-    wait_until(lambda: len(heard) >= 3, "app_removed and two task_cancelled")
+    wait_until(lambda: len(heard) >= 3, what="app_removed and two task_cancelled")
 
     with lock:
         received = list(heard)

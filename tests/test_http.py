@@ -6,7 +6,7 @@ import http.client
 import json
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from helpers import wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from fswatch_sync import cli, db
@@ -31,14 +32,6 @@ APPS = HOST.tables["generated_applications"]
 TASKS = HOST.tables["analysis_tasks"]
 SLUG = "openai_gpt-4"
 TOKEN = "s3cret-token-for-tests"
-
-
-def wait_until(predicate: Callable[[], object], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
 
 
 @dataclass
@@ -241,7 +234,7 @@ def test_metrics_parse_and_move_after_a_removal(endpoint: Endpoint) -> None:
     shutil.rmtree(endpoint.root / SLUG / "app1")
     wait_until(
         lambda: endpoint.metrics()["fswatch_sync_apps_removed_total"] == 1,
-        "apps_removed to count the removal",
+        what="apps_removed to count the removal",
     )
     after = endpoint.metrics()
     assert after["fswatch_sync_tasks_cancelled_total"] == 1

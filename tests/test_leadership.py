@@ -22,6 +22,7 @@ from typing import IO, Any
 
 import pytest
 import sqlalchemy as sa
+from helpers import wait_until
 from sqlalchemy.engine import Engine
 
 from fswatch_sync import db, signals
@@ -271,14 +272,14 @@ def test_takeover_after_kill_9(database_url: str, engine: Engine, tmp_path: Path
 
         # Poll for the lease; every attempt is timed on the same clock as A's acquisition.
         attempts: list[tuple[datetime, bool, datetime]] = []
-        deadline = time.monotonic() + LEASE_SECONDS + 5
-        while time.monotonic() < deadline:
+
+        def attempt() -> bool:
             before = db.utcnow()
             taken = standby.try_acquire()
             attempts.append((before, taken, db.utcnow()))
-            if taken:
-                break
-            time.sleep(0.02)
+            return taken
+
+        wait_until(attempt, LEASE_SECONDS + 5, "the standby to take the lease", interval=0.02)
     finally:
         holder.close()
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import random
 import sqlite3
-import time
 from collections import Counter
 from pathlib import Path
 from typing import ClassVar
@@ -183,15 +182,15 @@ def crash_kill9(run: Run) -> str:
                 taken_before_kill = 0
                 for index, step in enumerate(steps):
                     if index == kill_at:
-                        time.sleep(delay)  # the kill point, not a wait for an outcome
+                        daemon.wait_exit(delay)  # the kill point
                         stats["in-tx"] += probe.open_transaction()
                         daemon.kill9()
                     taken = apply_step(step, world, daemon)
                     if daemon.alive():
                         taken_before_kill += taken
-                    time.sleep(rng.choice(GAPS))
+                    daemon.wait_exit(rng.choice(GAPS))
                 if daemon.alive():
-                    time.sleep(delay)
+                    daemon.wait_exit(delay)
                     stats["in-tx"] += probe.open_transaction()
                     daemon.kill9()
                 sweeping = [r for r in daemon.sweeps(engine) if r["finished_at"] is None]
@@ -216,7 +215,7 @@ def crash_kill9(run: Run) -> str:
                 if rng.random() < 0.3:
                     # A kill while it starts: perhaps in its start-up sweep, which has the
                     # removals made while it was down to do.
-                    time.sleep(rng.uniform(0.1, 1.5))  # the kill point
+                    daemon.wait_exit(rng.uniform(0.1, 1.5))  # the kill point
                     stats["in-tx"] += probe.open_transaction()
                     daemon.kill9()
                     daemon.instance_id = daemon.find_instance(engine)

@@ -11,12 +11,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 import sqlalchemy as sa
+from helpers import wait_until
 from sqlalchemy.engine import Engine
 
 from fswatch_sync.schema import instances_table, sweeps_table
@@ -28,23 +27,6 @@ STOP_SECONDS = 5.0
 
 class DaemonDied(AssertionError):
     """The daemon exited when it should have been running."""
-
-
-def wait_until(
-    predicate: Callable[[], object],
-    timeout: float,
-    what: str,
-    *,
-    interval: float = 0.01,
-    on_timeout: Callable[[], str] | None = None,
-) -> None:
-    """Poll ``predicate`` until it is true; AssertionError naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= deadline:
-            extra = f"; {on_timeout()}" if on_timeout else ""
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}{extra}")
-        time.sleep(interval)
 
 
 def clean_environment() -> dict[str, str]:
@@ -122,6 +104,20 @@ class Daemon:
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+    def wait_exit(self, seconds: float) -> bool:
+        """Let ``seconds`` pass while watching the daemon: True as soon as it has exited.
+
+        This is how the scenarios pace their bursts and place their kill points: the time
+        passes on the daemon, so one that dies on its own is seen at once, not after the pause.
+        """
+        if self.process is None:
+            return True
+        try:
+            self.process.wait(timeout=max(seconds, 0.0))
+        except subprocess.TimeoutExpired:
+            return False
+        return True
 
     def _check_alive(self) -> None:
         if not self.alive():

@@ -37,6 +37,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from helpers import make_settings, wait_until
+
 from faults.harness import Run, Unavailable, scenario
 from faults.kit import (
     InotifyAccessWatch,
@@ -50,9 +52,7 @@ from faults.kit import (
     prepare_database,
     probe_engine,
     remove_tree,
-    settings_for,
     task_rows,
-    wait_until,
 )
 from faults.servers import scratch_database
 from fswatch_sync import db
@@ -265,7 +265,7 @@ def witnesses(tree: HostileTree) -> Iterator[Witnesses]:
 
 
 def run_sweep(database_url: str, tree: HostileTree) -> None:
-    settings = settings_for(tree.root, database_url, max_delete_fraction=1.0)
+    settings = make_settings(tree.root, database_url, max_delete_fraction=1.0)
     engine = db.create_engine(database_url)
     try:
         store = Store(engine, settings.schema, batch_size=7)
@@ -333,7 +333,7 @@ def scenario_service(database_url: str, workdir: Path, backend: str) -> dict[str
     sentinel = AppKey("n", 3)
     with probe_engine(database_url) as probe:
         insert_apps(probe, [(key, young) for key in live_young])
-    settings = settings_for(tree.root, database_url, max_delete_fraction=1.0)
+    settings = make_settings(tree.root, database_url, max_delete_fraction=1.0)
     with witnesses(tree) as seen:
         service = Service(settings, instance_id="hostile-service")
         service.start()
@@ -414,7 +414,7 @@ def scenario_root_path(database_url: str, workdir: Path) -> dict[str, Any]:
         clear_rows(probe)
         insert_apps(probe, [(key, now - OLD) for key in keys])
         insert_tasks(probe, [TaskSeed(f"t{k.app_number}", k, "pending", now) for k in keys])
-        service = Service(settings_for(root, database_url), instance_id="hostile-root")
+        service = Service(make_settings(root, database_url), instance_id="hostile-root")
         service.start()
         try:
             wait_until(lambda: service.status_stats().get("sweeps", 0) >= 1, what="start-up sweep")
@@ -471,7 +471,7 @@ def scenario_collation(database_url: str, workdir: Path) -> dict[str, Any]:
         fresh = db.utcnow()  # not stuck: only a removal may cancel these
         insert_tasks(probe, [TaskSeed(f"{k.model_slug}{k.app_number}", k, "pending", fresh)
                              for k in rows])
-        service = Service(settings_for(root, database_url, max_delete_fraction=1.0),
+        service = Service(make_settings(root, database_url, max_delete_fraction=1.0),
                           instance_id="hostile-collation")
         service.start()
         try:

@@ -11,7 +11,7 @@ the process reads from the disk:
 * :class:`InotifyAccessWatch` — the kernel's own account: an inotify watch with ``IN_OPEN`` and
   ``IN_ACCESS`` on the directories that must never be read, which also sees what C code does.
 
-Nothing sleeps to wait for an outcome: :func:`wait_until` polls with a deadline.
+Nothing sleeps to wait for an outcome: ``helpers.wait_until`` polls with a deadline.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import stat
 import struct
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -46,7 +45,6 @@ from fswatch_sync.schema import (
     leases_table,
     sweeps_table,
 )
-from fswatch_sync.settings import Settings
 from fswatch_sync.store import Store
 
 HOST = default_host_metadata(SchemaConfig())
@@ -54,29 +52,6 @@ APPS = HOST.tables["generated_applications"]
 TASKS = HOST.tables["analysis_tasks"]
 ACTIVE = ("pending", "running")
 TERMINAL = ("completed", "failed", "cancelled")
-
-
-def wait_until(
-    predicate: Callable[[], object], timeout: float = 15.0, what: str = "condition"
-) -> None:
-    """Poll ``predicate`` until it holds; AssertionError when ``timeout`` passes first."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}")
-        time.sleep(0.005)
-
-
-def settings_for(root: Path, database_url: str, **overrides: Any) -> Settings:
-    base = Settings(
-        root=root,
-        database_url=database_url,
-        observer="native",
-        settle_ms=5.0,
-        interval_seconds=3600.0,
-        heartbeat_seconds=10.0,
-    )
-    return dataclasses.replace(base, **overrides)
 
 
 def prepare_database(database_url: str) -> None:

@@ -32,10 +32,11 @@ from types import TracebackType
 from typing import ClassVar
 
 import sqlalchemy as sa
+from helpers import wait_until
 from sqlalchemy.pool import NullPool
 
 from faults.crash import APP_NAME, daemon_settings
-from faults.daemon import Daemon, init_db, wait_until
+from faults.daemon import Daemon, init_db
 from faults.harness import Run, scenario
 from faults.servers import probe_engine, robust, scratch_database
 from faults.world import SLUGS, World
@@ -111,7 +112,7 @@ def _burst(rng: random.Random, world: World, daemon: Daemon, count: int, spread:
             key = rng.choice(sorted(k for keys in alive.values() for k in keys))
             world.remove_app(key, rng.choice(("rmtree", "rmtree", "move", "rename")))
             taken += 1
-        time.sleep(rng.uniform(0, 2 * spread / max(count, 1)))  # pacing the burst
+        daemon.wait_exit(rng.uniform(0, 2 * spread / max(count, 1)))  # pacing the burst
     return taken
 
 
@@ -156,7 +157,7 @@ def _server_outage(run: Run, make_strike: Callable[[str], AdminStrike], label: s
                 with Disruptor(strike, rng, (0.005, 0.05)) as disruptor:
                     stats.removed += _burst(rng, world, daemon, rng.randint(6, 16),
                                             rng.uniform(0.3, 1.5), keep=6)
-                    time.sleep(rng.uniform(0.1, 0.6))  # the outage outlasts the burst a little
+                    daemon.wait_exit(rng.uniform(0.1, 0.6))  # the outage outlasts the burst
                 stats.hits += disruptor.hits
                 stats.strikes += disruptor.strikes
                 try:
@@ -341,7 +342,7 @@ def outage_sqlite_locked(run: Run) -> str:
                     )
                 remaining = hold - (time.monotonic() - lock.since)
                 if remaining > 0:
-                    time.sleep(remaining)  # the outage's length, not a wait for an outcome
+                    daemon.wait_exit(remaining)  # the outage's length
                 during = world.check(world.snapshot())
                 assert during.handled == handled_before, (
                     f"round {round_number + 1}: apps handled while another writer held the lock"
@@ -460,7 +461,7 @@ def outage_memory(run: Run) -> str:
                 quiet_until = time.monotonic() + quiet_seconds
                 while time.monotonic() < quiet_until:
                     sample()
-                    time.sleep(0.05)  # sampling pace during a fixed-length outage
+                    daemon.wait_exit(0.05)  # sampling pace during a fixed-length outage
                 held = lock.release()
                 queue_ok = peak_queue <= max_pending
                 growth_mib = (peak_rss - baseline) / 1024

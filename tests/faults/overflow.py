@@ -34,6 +34,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from helpers import make_settings, wait_until
 from sqlalchemy.engine import Engine
 
 from faults.harness import Run, Unavailable, scenario
@@ -47,10 +48,8 @@ from faults.kit import (
     prepare_database,
     probe_engine,
     remove_tree,
-    settings_for,
     sweep_rows,
     task_rows,
-    wait_until,
 )
 from faults.servers import scratch_database
 from fswatch_sync import db, signals
@@ -227,7 +226,7 @@ def injected_overflow_round(
     def on_degraded(_sender: Any, reason: str = "", **_extra: Any) -> None:
         degraded.append(reason)
 
-    service = Service(settings_for(root, database_url), instance_id="overflow-injected",
+    service = Service(make_settings(root, database_url), instance_id="overflow-injected",
                       initial_sweep=False)
     with probe_engine(database_url) as probe, signals.watch_degraded.connected_to(
         on_degraded

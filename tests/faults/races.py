@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from helpers import make_settings, wait_until
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 from sqlalchemy import event
@@ -61,9 +62,7 @@ from faults.kit import (
     journal_task_pk,
     prepare_database,
     remove_tree,
-    settings_for,
     task_rows,
-    wait_until,
 )
 from faults.servers import scratch_database
 from fswatch_sync import db, signals
@@ -244,18 +243,15 @@ def _cas(engine: Engine, pk: int, old: str, new: str) -> bool:
     else:
         values["completed_at"] = now
         values["error_message"] = None if new == "completed" else "runner: analysis failed"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with engine.begin() as connection:
-                result = connection.execute(
-                    sa.update(TASKS).where(TASKS.c.id == pk, TASKS.c.status == old).values(values)
-                )
-                return bool(result.rowcount == 1)
-        except sa.exc.OperationalError as exc:
-            if not db.is_transient(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.01)
+
+    def attempt() -> bool:
+        with engine.begin() as connection:
+            result = connection.execute(
+                sa.update(TASKS).where(TASKS.c.id == pk, TASKS.c.status == old).values(values)
+            )
+            return bool(result.rowcount == 1)
+
+    return db.retrying(60.0)(attempt)()
 
 
 def run_runner(
@@ -374,7 +370,7 @@ class Rig:
 
 def run_tool(plan: Plan, pks: list[int], root: Path, rig: Rig, gates: Gates, log: Log) -> None:
     store, url = rig.store, rig.url
-    settings = settings_for(root, url, max_delete_fraction=1.0, batch_size=2)
+    settings = make_settings(root, url, max_delete_fraction=1.0, batch_size=2)
     now = db.utcnow()
     try:
         with recording_app_exists(log) as exists:
@@ -707,7 +703,7 @@ def reactor_round(url: str, workdir: Path, rng: random.Random, apps: int = 8) ->
 
         names["app_exists"] = recorded
         stop = threading.Event()
-        service = Service(settings_for(root, url), instance_id="race-reactor",
+        service = Service(make_settings(root, url), instance_id="race-reactor",
                           initial_sweep=False)
         thread = threading.Thread(target=free_runner,
                                   args=(runner, pks, seeded, random.Random(rng.random()),
@@ -721,11 +717,11 @@ def reactor_round(url: str, workdir: Path, rng: random.Random, apps: int = 8) ->
                 if rng.random() < 0.75:
                     delay = rng.choice((0.0, 0.0, 0.001, 0.002, 0.005, 0.01, 0.03))
                     if delay:
-                        time.sleep(delay)  # the regenerator's timing, not a wait for a result
+                        stop.wait(delay)  # the regenerator's timing
                     path.mkdir()
                     with log.lock:
                         log.recreated[key] = time.monotonic()
-                time.sleep(rng.uniform(0, 0.02))
+                stop.wait(rng.uniform(0, 0.02))
             remove_tree(root / sentinel.model_slug / f"app{sentinel.app_number}")
             wait_until(lambda: sentinel not in app_keys(runner), timeout=60,
                        what="the sentinel's removal (every earlier event applied)")

@@ -8,7 +8,6 @@ Server URLs come from the same variables as tests/conftest.py and must point at 
 from __future__ import annotations
 
 import os
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,6 +17,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import NullPool
+from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_fixed
 
 from faults.harness import Unavailable
 
@@ -97,14 +97,14 @@ def probe_engine(url: str) -> Engine:
 def robust(function: Callable[[], T], *, seconds: float = 20.0) -> T:
     """Call ``function`` again while the database drops the connection (outage scenarios kill
     every connection of the database, the observer's included)."""
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            return function()
-        except (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.InternalError):
-            if time.monotonic() >= deadline:
-                raise
-            time.sleep(0.05)
+    return retry(
+        retry=retry_if_exception_type(
+            (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.InternalError)
+        ),
+        wait=wait_fixed(0.05),
+        stop=stop_after_delay(seconds),
+        reraise=True,
+    )(function)()
 
 
 def versions() -> list[str]:
