@@ -302,32 +302,45 @@ def instance_rows(engine: Engine) -> list[dict[str, Any]]:
 # -- assertions ------------------------------------------------------------------------------
 
 
-def assert_removed(engine: Engine, app: SeededApp, source: str = "reactor") -> None:
-    """Row gone, active tasks cancelled with a time and a message, the completed task intact."""
-    assert not has_row(engine, app.key)
+def app_state(engine: Engine, app: SeededApp, source: str = "reactor") -> str:
+    """``"removed"`` when the app was handled as the contract says (row gone, active tasks
+    cancelled with a time and a message naming it, the completed task intact, journalled by
+    ``source``), ``"untouched"`` when it was left entirely alone, else what is wrong."""
+    done = task_row(engine, app.completed)
+    if (done["status"], done["error_message"]) != ("completed", None) or not done["completed_at"]:
+        return f"the completed task changed: {done}"
+    if has_row(engine, app.key):
+        pending, running = task_row(engine, app.pending), task_row(engine, app.running)
+        if (pending["status"], running["status"]) != ("pending", "running"):
+            return f"row kept but tasks changed: {pending['status']}, {running['status']}"
+        if pending["completed_at"] is not None:
+            return f"row kept but the pending task was stamped: {pending}"
+        return "untouched"
     for task_id in app.active:
         task = task_row(engine, task_id)
-        assert task["status"] == "cancelled", task
-        assert task["completed_at"] is not None, task
-        assert GONE_MESSAGE in (task["error_message"] or ""), task
-        assert str(app.key) in task["error_message"], task
-    assert_completed_untouched(engine, app)
-    assert source in journal_sources(engine, app.key), journal_sources(engine, app.key)
+        message = task["error_message"] or ""
+        if task["status"] != "cancelled" or task["completed_at"] is None:
+            return f"row gone but a task was not cancelled with a time: {task}"
+        if GONE_MESSAGE not in message or str(app.key) not in message:
+            return f"row gone but the message does not say the app is gone: {task}"
+    sources = journal_sources(engine, app.key)
+    if source not in sources:
+        return f"row gone but not journalled by {source}: {sources}"
+    return "removed"
+
+
+def assert_removed(engine: Engine, app: SeededApp, source: str = "reactor") -> None:
+    assert app_state(engine, app, source) == "removed"
 
 
 def assert_completed_untouched(engine: Engine, app: SeededApp) -> None:
     done = task_row(engine, app.completed)
-    assert done["status"] == "completed", done
-    assert done["error_message"] is None, done
+    assert (done["status"], done["error_message"]) == ("completed", None), done
     assert done["completed_at"] is not None
 
 
 def assert_untouched(engine: Engine, app: SeededApp) -> None:
-    assert has_row(engine, app.key), f"{app.key} lost its row"
-    assert task_row(engine, app.pending)["status"] == "pending"
-    assert task_row(engine, app.running)["status"] == "running"
-    assert task_row(engine, app.pending)["completed_at"] is None
-    assert_completed_untouched(engine, app)
+    assert app_state(engine, app) == "untouched"
 
 
 @contextmanager

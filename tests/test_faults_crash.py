@@ -26,7 +26,8 @@ from fswatch_sync.store import Store
     "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 )
 def test_crash_kill9_quick_rounds(backend: str, tmp_path: Path) -> None:
-    harness.run_quick_in_pytest("crash-kill9", backend, tmp_path)
+    result = harness.run_quick_in_pytest("crash-kill9", backend, tmp_path)
+    assert result.passed, f"{result.key}: {result.details}"
 
 
 def test_a_killed_sweepers_lease_delays_the_restarts_sweep_but_never_cancels_it(

@@ -16,11 +16,13 @@ from faults import harness
     "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 )
 def test_a_real_kernel_queue_overflow_is_followed_by_a_sweep(backend: str, tmp_path: Path) -> None:
-    harness.run_quick_in_pytest("overflow-real", backend, tmp_path)
+    result = harness.run_quick_in_pytest("overflow-real", backend, tmp_path)
+    assert result.passed, f"{result.key}: {result.details}"
 
 
 @pytest.mark.parametrize(
     "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 )
 def test_an_injected_overflow_is_followed_by_a_sweep(backend: str, tmp_path: Path) -> None:
-    harness.run_quick_in_pytest("overflow-injected", backend, tmp_path)
+    result = harness.run_quick_in_pytest("overflow-injected", backend, tmp_path)
+    assert result.passed, f"{result.key}: {result.details}"

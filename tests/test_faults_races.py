@@ -26,7 +26,8 @@ from fswatch_sync.store import Store, TaskChange
      pytest.param("mysql", marks=pytest.mark.mysql)],
 )
 def test_race_runner_vs_tool_quick_rounds(backend: str, tmp_path: Path) -> None:
-    harness.run_quick_in_pytest("race-runner-vs-tool", backend, tmp_path)
+    result = harness.run_quick_in_pytest("race-runner-vs-tool", backend, tmp_path)
+    assert result.passed, f"{result.key}: {result.details}"
 
 
 # -- the checker must catch what it is there to catch ---------------------------------------------
@@ -110,4 +111,5 @@ def test_the_property_finds_a_removal_that_ignores_its_recheck(
     "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 )
 def test_race_reactor_recreate_quick_rounds(backend: str, tmp_path: Path) -> None:
-    harness.run_quick_in_pytest("race-reactor-recreate", backend, tmp_path)
+    result = harness.run_quick_in_pytest("race-reactor-recreate", backend, tmp_path)
+    assert result.passed, f"{result.key}: {result.details}"

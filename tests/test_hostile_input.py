@@ -25,18 +25,21 @@ from faults.hostile import build_tree, witnesses
 def test_hostile_tree_through_the_sweep(backend: str, tmp_path: Path) -> None:
     # The random extras of round 2 on SQLite only: the servers are slow to set up here.
     rounds = None if backend == "sqlite" else 1
-    harness.run_quick_in_pytest("hostile-tree-sweep", backend, tmp_path, rounds=rounds)
+    result = harness.run_quick_in_pytest("hostile-tree-sweep", backend, tmp_path, rounds=rounds)
+    assert result.passed, f"{result.key}: {result.details}"
 
 
 @pytest.mark.parametrize(
     "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 )
 def test_hostile_tree_through_a_running_service(backend: str, tmp_path: Path) -> None:
-    harness.run_quick_in_pytest("hostile-tree-service", backend, tmp_path)
+    result = harness.run_quick_in_pytest("hostile-tree-service", backend, tmp_path)
+    assert result.passed, f"{result.key}: {result.details}"
 
 
 def test_hostile_settings_stop_with_exit_2_and_one_line(tmp_path: Path) -> None:
-    harness.run_quick_in_pytest("hostile-settings", None, tmp_path)
+    result = harness.run_quick_in_pytest("hostile-settings", None, tmp_path)
+    assert result.passed, f"{result.key}: {result.details}"
 
 
 def test_the_witnesses_see_a_read_outside(tmp_path: Path) -> None:
@@ -64,11 +67,13 @@ def test_the_witnesses_see_a_read_outside(tmp_path: Path) -> None:
     "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 )
 def test_a_root_whose_path_is_not_utf8(backend: str, tmp_path: Path) -> None:
-    harness.run_quick_in_pytest("hostile-root-path", backend, tmp_path)
+    result = harness.run_quick_in_pytest("hostile-root-path", backend, tmp_path)
+    assert result.passed, f"{result.key}: {result.details}"
 
 
 def test_a_model_dir_swapped_for_a_symlink_mid_scan(tmp_path: Path) -> None:
-    harness.run_quick_in_pytest("hostile-symlink-swap", None, tmp_path)
+    result = harness.run_quick_in_pytest("hostile-symlink-swap", None, tmp_path)
+    assert result.passed, f"{result.key}: {result.details}"
 
 
 @pytest.mark.parametrize(
@@ -77,4 +82,5 @@ def test_a_model_dir_swapped_for_a_symlink_mid_scan(tmp_path: Path) -> None:
      pytest.param("mysql", marks=pytest.mark.mysql)],
 )
 def test_look_alike_model_names(backend: str, tmp_path: Path) -> None:
-    harness.run_quick_in_pytest("hostile-collation", backend, tmp_path)
+    result = harness.run_quick_in_pytest("hostile-collation", backend, tmp_path)
+    assert result.passed, f"{result.key}: {result.details}"

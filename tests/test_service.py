@@ -26,6 +26,7 @@ from helpers import (
     ScriptedStore,
     SeededApp,
     add_app_row,
+    app_state,
     assert_removed,
     assert_untouched,
     finished_sweeps,
@@ -85,15 +86,18 @@ def service(apps_root: Path, url: str, apps: dict[AppKey, SeededApp]) -> Iterato
 
 def removed_by_reactor(
     probe: Engine, apps: dict[AppKey, SeededApp], gone: tuple[AppKey, ...]
-) -> None:
-    """Wait for every app in ``gone`` to lose its row; check it and every other app."""
+) -> dict[AppKey, str]:
+    """Wait for every app in ``gone`` to lose its row; then every app's state (see app_state),
+    with ``"swept"`` under the key None if a sweep ran (the reactor alone must do this)."""
     wait_until(lambda: not any(has_row(probe, key) for key in gone), what=f"{gone} removed")
-    for key, app in apps.items():
-        if key in gone:
-            assert_removed(probe, app, source="reactor")
-        else:
-            assert_untouched(probe, app)
-    assert sweep_rows(probe) == [], "a sweep ran; the reactor alone must have done this"
+    states: dict[AppKey, str] = {key: app_state(probe, app) for key, app in apps.items()}
+    if sweep_rows(probe):
+        states[AppKey("<sweep>", 0)] = "swept"
+    return states
+
+
+def expected(apps: dict[AppKey, SeededApp], gone: tuple[AppKey, ...]) -> dict[AppKey, str]:
+    return {key: "removed" if key in gone else "untouched" for key in apps}
 
 
 # -- every removal kind --------------------------------------------------------------------------
@@ -103,7 +107,7 @@ def test_rm_rf_of_an_app_directory(
     service: Service, probe: Engine, apps: dict[AppKey, SeededApp]
 ) -> None:
     shutil.rmtree(apps[A5].path)
-    removed_by_reactor(probe, apps, (A5,))
+    assert removed_by_reactor(probe, apps, (A5,)) == expected(apps, (A5,))
 
 
 def test_rm_rf_on_every_backend(database_url: str, apps_root: Path) -> None:
@@ -112,7 +116,7 @@ def test_rm_rf_on_every_backend(database_url: str, apps_root: Path) -> None:
         apps = seed_apps(probe, apps_root, ALL)
         with running_service(make_settings(apps_root, database_url)):
             shutil.rmtree(apps[A2].path)
-            removed_by_reactor(probe, apps, (A2,))
+            assert removed_by_reactor(probe, apps, (A2,)) == expected(apps, (A2,))
 
 
 def test_rmdir_of_an_empty_app_directory(
@@ -122,7 +126,7 @@ def test_rmdir_of_an_empty_app_directory(
     apps = {**apps, empty.key: empty}
     with running_service(make_settings(apps_root, url)):
         os.rmdir(empty.path)
-        removed_by_reactor(probe, apps, (empty.key,))
+        assert removed_by_reactor(probe, apps, (empty.key,)) == expected(apps, (empty.key,))
 
 
 def test_app_directory_moved_out_of_the_root(
@@ -131,7 +135,7 @@ def test_app_directory_moved_out_of_the_root(
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     os.rename(apps[A5].path, elsewhere / "app5")
-    removed_by_reactor(probe, apps, (A5,))
+    assert removed_by_reactor(probe, apps, (A5,)) == expected(apps, (A5,))
     assert (elsewhere / "app5" / "src" / "main.py").is_file(), "the tool must not touch disk"
 
 
@@ -140,14 +144,14 @@ def test_app_directory_renamed_so_it_no_longer_matches(
     service: Service, probe: Engine, apps: dict[AppKey, SeededApp], new_name: str
 ) -> None:
     os.rename(apps[A5].path, apps[A5].path.with_name(new_name))
-    removed_by_reactor(probe, apps, (A5,))
+    assert removed_by_reactor(probe, apps, (A5,)) == expected(apps, (A5,))
 
 
 def test_whole_model_directory_removed(
     service: Service, apps_root: Path, probe: Engine, apps: dict[AppKey, SeededApp]
 ) -> None:
     shutil.rmtree(apps_root / SLUG)
-    removed_by_reactor(probe, apps, (A1, A2, A5))
+    assert removed_by_reactor(probe, apps, (A1, A2, A5)) == expected(apps, (A1, A2, A5))
 
 
 def test_model_directory_created_after_start_is_watched(
@@ -160,7 +164,7 @@ def test_model_directory_created_after_start_is_watched(
     late = seed_app(probe, apps_root, AppKey("mistral_large", 3))
     apps = {**apps, late.key: late}
     shutil.rmtree(late.path)
-    removed_by_reactor(probe, apps, (late.key,))
+    assert removed_by_reactor(probe, apps, (late.key,)) == expected(apps, (late.key,))
 
 
 def test_model_directory_created_with_its_apps_in_one_go(
@@ -173,14 +177,14 @@ def test_model_directory_created_with_its_apps_in_one_go(
         lambda: "mistral_large" in service.watcher.watched_models(), what="the new model's watch"
     )
     shutil.rmtree(late.path)
-    removed_by_reactor(probe, apps, (late.key,))
+    assert removed_by_reactor(probe, apps, (late.key,)) == expected(apps, (late.key,))
 
 
 def test_model_directory_renamed_removes_its_apps_and_watches_the_new_name(
     service: Service, apps_root: Path, probe: Engine, apps: dict[AppKey, SeededApp]
 ) -> None:
     os.rename(apps_root / OTHER_SLUG, apps_root / "renamed_model")
-    removed_by_reactor(probe, apps, (B1, B2))
+    assert removed_by_reactor(probe, apps, (B1, B2)) == expected(apps, (B1, B2))
     wait_until(lambda: "renamed_model" in service.watcher.watched_models(), what="a watch")
     assert OTHER_SLUG not in service.watcher.watched_models()
     moved = seed_app(probe, apps_root, AppKey("renamed_model", 1))
@@ -384,7 +388,7 @@ def test_polling_observer_sees_rm_rf(
     with running_service(settings) as service:
         assert service.observer_kind == "polling"
         shutil.rmtree(apps[B1].path)
-        removed_by_reactor(probe, apps, (B1,))
+        assert removed_by_reactor(probe, apps, (B1,)) == expected(apps, (B1,))
 
 
 def test_heartbeat_and_stop_are_recorded(

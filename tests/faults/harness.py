@@ -316,7 +316,8 @@ def execute(
 def run_quick_in_pytest(
     name: str, backend: str | None, workdir: Path, *, rounds: int | None = None
 ) -> Result:
-    """What a CI test does: the quick rounds, asserting a pass, skipping when unavailable.
+    """What a CI test does: the quick rounds (the test asserts ``.passed``), skipping when the
+    scenario's database is unavailable (failing instead when databases are required).
 
     With ``FSWATCH_SYNC_FAULT_RESULTS`` set, the result is also written there.
     """
@@ -340,7 +341,6 @@ def run_quick_in_pytest(
         pytest.skip(f"{name}[{backend}]: {exc}")
     if not result.passed:
         print(result.trace, file=sys.stderr)
-    assert result.passed, f"{result.key}: {result.details}"
     return result
 
 
