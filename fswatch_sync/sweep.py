@@ -338,8 +338,8 @@ class Sweeper:
             active,
             removed=set(removal.removed) if dry_run else set(),
             now=now,
-            running_timeout=timedelta(minutes=settings.running_timeout_minutes),
-            pending_timeout=timedelta(minutes=settings.pending_timeout_minutes),
+            running_timeout=now - running_cutoff,
+            pending_timeout=now - pending_cutoff,
             running=statuses.running,
             pending=statuses.pending,
             orphan_pass=settings.cleanup_orphan_tasks,
@@ -362,9 +362,7 @@ class Sweeper:
         if settings.cleanup_stuck_tasks:
             report.stuck_running = self._change(
                 store, plan.stuck_running, "stuck running tasks", dry_run,
-                still=_stuck_running_condition(
-                    store, now - timedelta(minutes=settings.running_timeout_minutes)
-                ),
+                still=_stuck_running_condition(store, running_cutoff),
                 new_status=statuses.failed,
                 message=(
                     f"failed: still running after {settings.running_timeout_minutes:g} minutes"
@@ -373,9 +371,7 @@ class Sweeper:
             )
             report.stuck_pending = self._change(
                 store, plan.stuck_pending, "stuck pending tasks", dry_run,
-                still=_stuck_pending_condition(
-                    store, now - timedelta(minutes=settings.pending_timeout_minutes)
-                ),
+                still=_stuck_pending_condition(store, pending_cutoff),
                 new_status=statuses.cancelled,
                 message=(
                     f"cancelled: still pending after {settings.pending_timeout_minutes:g} minutes"

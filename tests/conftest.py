@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from helpers import init_database, probe_engine, sqlite_url
 from sqlalchemy.engine import Engine
 
 from fswatch_sync import db
@@ -154,3 +155,18 @@ def make_app_dir(apps_root: Path) -> Callable[[AppKey], Path]:
 @pytest.fixture
 def now() -> datetime:
     return NOW
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> str:
+    """A SQLite file with the tool's and the default host tables, as ``init-db`` makes them."""
+    database_url = sqlite_url(tmp_path)
+    init_database(database_url)
+    return database_url
+
+
+@pytest.fixture
+def probe(url: str) -> Iterator[Engine]:
+    """An engine of the test's own on ``url``, to seed and observe (never the tool's)."""
+    with probe_engine(url) as engine:
+        yield engine

@@ -81,12 +81,6 @@ def url(tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def probe(url: str) -> Iterator[Engine]:
-    with probe_engine(url) as engine:
-        yield engine
-
-
-@pytest.fixture
 def daemon(apps_root: Path, url: str, tmp_path: Path, probe: Engine) -> Iterator[Daemon]:
     started = Daemon(apps_root, url, tmp_path / "daemon.log")
     try:

@@ -22,10 +22,7 @@ from helpers import (
     assert_removed,
     assert_untouched,
     has_row,
-    init_database,
-    probe_engine,
     seed_apps,
-    sqlite_url,
     wait_until,
 )
 from sqlalchemy.engine import Engine
@@ -44,19 +41,6 @@ class Calls:
     def __init__(self) -> None:
         self.sweeps: list[str] = []
         self.unusable: list[str] = []
-
-
-@pytest.fixture
-def url(tmp_path: Path) -> str:
-    database_url = sqlite_url(tmp_path)
-    init_database(database_url)
-    return database_url
-
-
-@pytest.fixture
-def probe(url: str) -> Iterator[Engine]:
-    with probe_engine(url) as engine:
-        yield engine
 
 
 @pytest.fixture

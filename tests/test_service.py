@@ -61,19 +61,6 @@ ALL = (A1, A2, A5, B1, B2)
 
 
 @pytest.fixture
-def url(tmp_path: Path) -> str:
-    database_url = sqlite_url(tmp_path)
-    init_database(database_url)
-    return database_url
-
-
-@pytest.fixture
-def probe(url: str) -> Iterator[Engine]:
-    with probe_engine(url) as engine:
-        yield engine
-
-
-@pytest.fixture
 def apps(probe: Engine, apps_root: Path) -> dict[AppKey, SeededApp]:
     return seed_apps(probe, apps_root, ALL)
 

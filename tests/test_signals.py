@@ -22,12 +22,9 @@ from helpers import (
     assert_removed,
     finished_sweeps,
     has_row,
-    init_database,
     make_settings,
-    probe_engine,
     running_service,
     seed_apps,
-    sqlite_url,
     task_row,
     wait_until,
 )
@@ -49,19 +46,6 @@ SPEC_SIGNALS = (
     "watch_degraded",
 )
 A1, A2, B1 = AppKey(SLUG, 1), AppKey(SLUG, 2), AppKey(OTHER_SLUG, 1)
-
-
-@pytest.fixture
-def url(tmp_path: Path) -> str:
-    database_url = sqlite_url(tmp_path)
-    init_database(database_url)
-    return database_url
-
-
-@pytest.fixture
-def probe(url: str) -> Iterator[Engine]:
-    with probe_engine(url) as engine:
-        yield engine
 
 
 @pytest.fixture
