@@ -216,6 +216,8 @@ def cmd_sweep(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
         ]
         if report.blocked_apps:
             rows.append(("blocked apps", f"{report.blocked_apps} (kept by a restrict policy)"))
+        if report.journal_pruned:
+            rows.append(("journal entries", f"{report.journal_pruned} past the retention deleted"))
         rows.append(("took", f"{report.duration_seconds:.2f}s"))
         _print_table(rows, out)
         if report.dry_run:

@@ -40,6 +40,7 @@ class Settings:
     running_timeout_minutes: float = 60.0
     pending_timeout_minutes: float = 60.0
     task_retention_days: float = 30.0
+    journal_retention_days: float = 90.0
     app_grace_minutes: float = 10.0
     cleanup_orphan_apps: bool = True
     cleanup_orphan_tasks: bool = True
@@ -296,6 +297,11 @@ SPECS: tuple[SettingSpec, ...] = (
         _duration(_non_negative, 86_400),
         ("MAINTENANCE_TASK_RETENTION_DAYS",),
         "terminal tasks completed longer ago are deleted",
+    ),
+    SettingSpec(
+        "journal_retention_days",
+        _duration(_non_negative, 86_400),
+        help="the sweep deletes journal entries older than this (0: keeps them all)",
     ),
     SettingSpec(
         "app_grace_minutes",

@@ -625,6 +625,47 @@ class Store:
             journal.write(connection)
         return len(rows)
 
+    # -- the journal's own retention ------------------------------------------------------------
+
+    def _journal_before(self, cutoff: datetime) -> ColumnElement[bool]:
+        return journal_table.c.at < db.to_db_time(cutoff)
+
+    def count_journal_before(self, cutoff: datetime) -> int:
+        """How many journal entries :meth:`purge_journal` would delete now."""
+        query = sa.select(sa.func.count()).where(self._journal_before(cutoff))
+        with self.reader.connect() as connection:
+            return int(connection.execute(query).scalar_one())
+
+    def purge_journal(self, cutoff: datetime) -> int:
+        """Delete journal entries recorded before ``cutoff``, oldest first, a batch per
+        transaction. The deletions themselves are not journalled: they undo nothing a user
+        could restore into the host's tables, they only forget how to."""
+        batch = self._retry(self._purge_journal_batch)
+        total = 0
+        while True:
+            found, deleted = batch(cutoff)
+            total += deleted
+            if found < self.batch_size:
+                return total
+
+    def _purge_journal_batch(self, cutoff: datetime) -> tuple[int, int]:
+        """(entries found, entries this transaction deleted)."""
+        entry_id = journal_table.c.id
+        deleted = 0
+        with self._write() as connection:
+            ids = list(
+                connection.execute(
+                    sa.select(entry_id)
+                    .where(self._journal_before(cutoff))
+                    .order_by(entry_id)
+                    .limit(self.batch_size)
+                ).scalars()
+            )
+            if ids:
+                result = connection.execute(sa.delete(journal_table).where(entry_id.in_(ids)))
+                deleted = result.rowcount
+        return len(ids), deleted
+
 
 def _task_key(host: HostTables, row: Row[Any]) -> AppKey:
     mapping = row._mapping

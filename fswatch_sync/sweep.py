@@ -39,6 +39,7 @@ class SweepReport:
     orphan_tasks: int = 0
     stuck_tasks: int = 0
     old_tasks: int = 0
+    journal_pruned: int = 0
     stuck_running: int = 0
     stuck_pending: int = 0
     blocked_apps: int = 0
@@ -69,6 +70,7 @@ class SweepReport:
             "reason": self.refused,
             "stuck_running": self.stuck_running,
             "stuck_pending": self.stuck_pending,
+            "journal_pruned": self.journal_pruned,
             "kept_present": self.kept_present,
             "app_rows": self.app_rows,
             "app_dirs": self.app_dirs,
@@ -390,6 +392,15 @@ class Sweeper:
                     signals.send(
                         signals.tasks_purged, self.sender, count=report.old_tasks, cutoff=cutoff
                     )
+        if settings.journal_retention_days > 0:
+            # Housekeeping after the four passes: the journal would otherwise grow by a row per
+            # change for as long as the tool runs.
+            cutoff = now - timedelta(days=settings.journal_retention_days)
+            if dry_run:
+                report.journal_pruned = store.count_journal_before(cutoff)
+            else:
+                self._report_progress("journal", 0, 0)
+                report.journal_pruned = store.purge_journal(cutoff)
 
     def _change(
         self,

@@ -387,3 +387,54 @@ def test_restore_puts_back_every_column_type_of_a_host_row(engine: Engine, now: 
     with engine.connect() as connection:
         after = dict(connection.execute(sa.select(typed_apps)).one()._mapping)
     assert after == before
+
+
+# -- the journal's retention -------------------------------------------------------------------
+
+
+def test_purge_journal_deletes_only_entries_past_the_cutoff(store: Store, now: datetime) -> None:
+    cutoff = now - timedelta(days=90)
+    store.remove_apps([A1], source="reactor", now=cutoff - timedelta(microseconds=1))
+    store.remove_apps([A2], source="reactor", now=cutoff)  # exactly at the cutoff: kept
+    store.remove_apps([A3], source="reactor", now=now)
+    kept = [e.id for e in entries(store) if e.app_number in (2, 3)]
+    assert len(kept) == 6 and len(entries(store, app_number=1)) == 3
+
+    assert store.count_journal_before(cutoff) == 3
+    # batch_size is 1: three transactions, then one that finds nothing.
+    assert store.purge_journal(cutoff) == 3
+    assert [e.id for e in entries(store)] == kept
+    assert store.purge_journal(cutoff) == 0
+    assert [e.id for e in entries(store)] == kept
+
+
+def test_sweep_prunes_the_journal_after_its_passes(
+    store: Store, database_url: str, apps_root: Path, make_app_dir: Any, now: datetime
+) -> None:
+    for key in (A1, A2):
+        make_app_dir(key)
+    store.remove_apps([A3], source="reactor", now=now - timedelta(days=91))
+    old = [e.id for e in entries(store)]
+    assert len(old) == 3
+
+    def sweep(dry_run: bool = False, **flags: Any) -> Any:
+        settings = load_settings(
+            {"root": str(apps_root), "database_url": database_url, **flags}, environ={}
+        )
+        return Sweeper(store, settings, instance_id="test").run(now=now, dry_run=dry_run)
+
+    before = snapshot(store)
+    assert sweep(dry_run=True).journal_pruned == 3
+    assert snapshot(store) == before
+
+    assert sweep(journal_retention_days=0).journal_pruned == 0
+    assert set(old) <= {e.id for e in entries(store)}
+
+    report = sweep()
+    assert report.journal_pruned == 3
+    assert report.to_dict()["journal_pruned"] == 3
+    left = entries(store)
+    assert not set(old) & {e.id for e in left}
+    # The sweeps' own changes (the stuck tasks of m/app1 and m/app2) are recent: kept.
+    assert left and all(db.from_db_time(e.at) == now for e in left)
+    assert sweep().journal_pruned == 0

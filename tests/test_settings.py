@@ -37,6 +37,7 @@ def test_defaults(workdir: Path) -> None:
     assert settings.running_timeout_minutes == 60
     assert settings.pending_timeout_minutes == 60
     assert settings.task_retention_days == 30
+    assert settings.journal_retention_days == 90
     assert settings.app_grace_minutes == 10
     assert settings.cleanup_orphan_apps is True
     assert settings.cleanup_orphan_tasks is True
@@ -195,6 +196,8 @@ BAD_ENVIRONMENTS: list[tuple[dict[str, str], str]] = [
     ({f"{ENV}MAX_DELETE_FRACTION": "1.5"}, f"{ENV}MAX_DELETE_FRACTION"),
     ({f"{ENV}MAX_DELETE_FRACTION": "-0.1"}, f"{ENV}MAX_DELETE_FRACTION"),
     ({f"{ENV}CLEANUP_OLD_TASKS": "maybe"}, f"{ENV}CLEANUP_OLD_TASKS"),
+    ({f"{ENV}JOURNAL_RETENTION_DAYS": "-1"}, f"{ENV}JOURNAL_RETENTION_DAYS"),
+    ({f"{ENV}JOURNAL_RETENTION_DAYS": "forever"}, f"{ENV}JOURNAL_RETENTION_DAYS"),
     ({f"{ENV}BATCH_SIZE": "0"}, f"{ENV}BATCH_SIZE"),
     ({f"{ENV}BATCH_SIZE": "2.5"}, f"{ENV}BATCH_SIZE"),
     ({f"{ENV}ROOT": "/nonexistent-fswatch/parent/apps"}, f"{ENV}ROOT"),
