@@ -20,6 +20,12 @@ data, so the contestants are shown to do exactly the same changes. Timed: the sw
 with the engine or connection already open and the tables already mapped or reflected, as in a
 long-running service; building and copying the data is not timed.
 
+The same comparison also runs on PostgreSQL (entry ``sweep-postgres``, server at
+``FSWATCH_SYNC_BENCH_POSTGRES_URL``, default ``postgresql+psycopg://postgres@127.0.0.1:5432/postgres``):
+the dataset is loaded once into a template database and every run gets a database created from
+it; the floor's statements run through psycopg, spelled for PostgreSQL. Its targets are not
+judged (the issue sets them on SQLite); it shows what changes when every query is a round trip.
+
 This module is also a library for other entries (the growth curve of issue 6):
 :func:`build_dataset` and :func:`compare` take any :class:`Scale`.
 """
@@ -34,11 +40,11 @@ import sqlite3
 import statistics
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 from benchkit import Contestant, Options, Result, Target, entry, format_seconds
@@ -290,22 +296,31 @@ def _summary(
     }
 
 
-def outcome(database: Path) -> tuple[str, dict[str, int]]:
+def outcome(url: str) -> tuple[str, dict[str, int]]:
     """Digest and summary of the host rows a run left behind."""
-    connection = sqlite3.connect(database)
+    connection = floor_connection(url)
     try:
-        keys = connection.execute(
-            f"SELECT model_slug, app_number FROM {APPS_TABLE} ORDER BY model_slug, app_number"
-        ).fetchall()
-        statuses = connection.execute(
-            f"SELECT id, status FROM {TASKS_TABLE} ORDER BY id"
-        ).fetchall()
+        # Sorted here, not by the database: a server's collation may order slugs differently.
+        keys = sorted(
+            (str(slug), int(number))
+            for slug, number in connection.execute(
+                f"SELECT model_slug, app_number FROM {APPS_TABLE}"
+            ).fetchall()
+        )
+        statuses = [
+            (int(pk), str(status))
+            for pk, status in connection.execute(
+                f"SELECT id, status FROM {TASKS_TABLE} ORDER BY id"
+            ).fetchall()
+        ]
         marks = ",".join("?" * len(TERMINAL))
-        unstamped = connection.execute(
-            f"SELECT count(*) FROM {TASKS_TABLE}"
-            f" WHERE status IN ({marks}) AND completed_at IS NULL",
-            TERMINAL,
-        ).fetchone()[0]
+        unstamped = int(
+            connection.execute(
+                f"SELECT count(*) FROM {TASKS_TABLE}"
+                f" WHERE status IN ({marks}) AND completed_at IS NULL",
+                TERMINAL,
+            ).fetchone()[0]
+        )
     finally:
         connection.close()
     return _digest(keys, statuses), _summary(len(keys), (s for _pk, s in statuses), unstamped)
@@ -399,8 +414,8 @@ def build_dataset(scale: Scale, workdir: Path, log: Callable[[str], None]) -> Da
 # -- contestant: fswatch_sync -------------------------------------------------------------------
 
 
-def run_fswatch_sync(database: Path, root: Path, batch_size: int | None = None) -> Run:
-    flags: dict[str, Any] = {"root": str(root), "database_url": f"sqlite:///{database}"}
+def run_fswatch_sync(url: str, root: Path, batch_size: int | None = None) -> Run:
+    flags: dict[str, Any] = {"root": str(root), "database_url": url}
     if batch_size is not None:
         flags["batch_size"] = batch_size
     settings = load_settings(flags, environ={})
@@ -410,14 +425,14 @@ def run_fswatch_sync(database: Path, root: Path, batch_size: int | None = None) 
         store = Store(engine, settings.schema, batch_size=settings.batch_size)
         store.host  # noqa: B018 - reflect once, as a running service already has
         sweeper = Sweeper(store, settings, instance_id="bench")
-        writes = _watch_write_transactions(engine)
+        writes = _watch_write_transactions(engine) if fsdb.is_sqlite(engine) else None
         clock.start()
         report = sweeper.run(now=NOW, trigger="bench")
         seconds, cpu = clock.stop()
     finally:
         engine.dispose()
     counts = {key: int(getattr(report, key)) for key in COUNT_KEYS}
-    return Run(seconds, counts, cpu, max(writes, default=0.0))
+    return Run(seconds, counts, cpu, None if writes is None else max(writes, default=0.0))
 
 
 # A batch of 5,000 rows per transaction: still bounded (a million-row purge is 200 short
@@ -426,8 +441,8 @@ BIG_BATCH = 5000
 DEFAULT_BATCH = Settings().batch_size  # the default the fswatch_sync contestant runs with
 
 
-def run_fswatch_sync_big_batch(database: Path, root: Path) -> Run:
-    return run_fswatch_sync(database, root, BIG_BATCH)
+def run_fswatch_sync_big_batch(url: str, root: Path) -> Run:
+    return run_fswatch_sync(url, root, BIG_BATCH)
 
 
 # -- contestant: the seed's algorithm ------------------------------------------------------------
@@ -521,8 +536,8 @@ def seed_sweep(session: Session, root: Path, now: datetime) -> dict[str, int]:
     return counts
 
 
-def run_seed(database: Path, root: Path) -> Run:
-    engine = sa.create_engine(f"sqlite:///{database}")
+def run_seed(url: str, root: Path) -> Run:
+    engine = sa.create_engine(url)
     try:
         with Session(engine) as session:
             session.connection()  # open the connection before the clock starts
@@ -538,8 +553,61 @@ def run_seed(database: Path, root: Path) -> Run:
 # -- contestant: the floor ------------------------------------------------------------------------
 
 
+class FloorConnection(Protocol):
+    """What the floor needs of a driver connection in autocommit mode (sqlite3's shape)."""
+
+    def execute(self, sql: str, parameters: Sequence[Any] = ..., /) -> Any: ...
+
+    def executemany(self, sql: str, parameters: Iterable[Sequence[Any]], /) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+class _PostgresFloorConnection:
+    """The floor's statements, written for SQLite, on PostgreSQL through psycopg: only their
+    spelling changes (placeholders, ``BEGIN IMMEDIATE``, the temporary schema's name)."""
+
+    def __init__(self, url: str) -> None:
+        import psycopg
+
+        parts = sa.make_url(url)
+        self.connection = psycopg.connect(
+            host=parts.host or "127.0.0.1",
+            port=parts.port or 5432,
+            user=parts.username,
+            password=parts.password,
+            dbname=parts.database,
+            autocommit=True,
+        )
+
+    @staticmethod
+    def _spell(sql: str) -> Any:
+        return (
+            sql.replace("?", "%s").replace("BEGIN IMMEDIATE", "BEGIN").replace("temp.", "")
+        )
+
+    def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Any:
+        return self.connection.execute(self._spell(sql), parameters)
+
+    def executemany(self, sql: str, parameters: Iterable[Sequence[Any]], /) -> Any:
+        with self.connection.cursor() as cursor:
+            cursor.executemany(self._spell(sql), list(parameters))
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+def floor_connection(url: str) -> FloorConnection:
+    """A driver connection, no SQLAlchemy in between: sqlite3 or psycopg, in autocommit mode."""
+    if url.startswith("sqlite"):
+        database = sa.make_url(url).database
+        assert database is not None
+        return sqlite3.connect(database, isolation_level=None)
+    return _PostgresFloorConnection(url)
+
+
 def _floor_orphans(
-    connection: sqlite3.Connection, root: Path, now: datetime
+    connection: FloorConnection, root: Path, now: datetime
 ) -> list[tuple[str, int]]:
     """One ``os.scandir`` per model directory, one read of the app keys, the grace, the guard."""
     present: set[tuple[str, int]] = set()
@@ -556,21 +624,23 @@ def _floor_orphans(
                         and item.is_dir(follow_symlinks=False)
                     ):
                         present.add((model.name, int(name[3:])))
-    young_after = _stamp(now - GRACE)
+    # The database judges the grace (NULL counts as old), as fswatch_sync lets it.
     rows = connection.execute(
-        f"SELECT model_slug, app_number, created_at FROM {APPS_TABLE}"
+        f"SELECT model_slug, app_number, CASE WHEN created_at > ? THEN 1 ELSE 0 END"
+        f" FROM {APPS_TABLE}",
+        (_stamp(now - GRACE),),
     ).fetchall()
     orphans = [
         (slug, number)
-        for slug, number, created in rows
-        if (slug, number) not in present and (created is None or created <= young_after)
+        for slug, number, young in rows
+        if (slug, number) not in present and not young
     ]
     if len(orphans) > MAX_DELETE_FRACTION * len(rows):
         raise RuntimeError("the floor's guard refused")
     return orphans
 
 
-def floor_sweep(connection: sqlite3.Connection, root: Path, now: datetime) -> dict[str, int]:
+def floor_sweep(connection: FloorConnection, root: Path, now: datetime) -> dict[str, int]:
     """One directory scan, then one set-based statement per change. No journal, no checks."""
     counts = dict.fromkeys(COUNT_KEYS, 0)
     orphans = _floor_orphans(connection, root, now)
@@ -625,7 +695,7 @@ def floor_sweep(connection: sqlite3.Connection, root: Path, now: datetime) -> di
 
 
 def batched_floor_sweep(
-    connection: sqlite3.Connection, root: Path, now: datetime, batch: int
+    connection: FloorConnection, root: Path, now: datetime, batch: int
 ) -> dict[str, int]:
     """The floor's statements cut into transactions of ``batch`` rows, as fswatch_sync's are.
 
@@ -711,8 +781,8 @@ def batched_floor_sweep(
     return counts
 
 
-def run_batched_floor(database: Path, root: Path) -> Run:
-    connection = sqlite3.connect(database, isolation_level=None)
+def run_batched_floor(url: str, root: Path) -> Run:
+    connection = floor_connection(url)
     try:
         clock = _Clock()
         clock.start()
@@ -723,8 +793,8 @@ def run_batched_floor(database: Path, root: Path) -> Run:
     return Run(seconds, counts, cpu)
 
 
-def run_floor(database: Path, root: Path) -> Run:
-    connection = sqlite3.connect(database, isolation_level=None)
+def run_floor(url: str, root: Path) -> Run:
+    connection = floor_connection(url)
     try:
         clock = _Clock()
         clock.start()
@@ -741,7 +811,7 @@ FSWATCH_BIG = f"fswatch_sync b{BIG_BATCH}"
 FSWATCH = ("fswatch_sync", FSWATCH_BIG)
 FLOOR_BATCHED = f"floor b{DEFAULT_BATCH}"
 
-CONTESTANTS: dict[str, tuple[str, Callable[[Path, Path], Run]]] = {
+CONTESTANTS: dict[str, tuple[str, Callable[[str, Path], Run]]] = {
     "fswatch_sync": ("Sweeper.run, default settings, journal and lease included", run_fswatch_sync),
     FSWATCH_BIG: (
         f"the same with batch_size={BIG_BATCH} (fewer, longer transactions)",
@@ -765,6 +835,112 @@ def _fresh_copy(base: Path, target: Path) -> None:
     shutil.copyfile(base, target)
 
 
+class DatasetCopies(Protocol):
+    """Where the contestants run: a fresh copy of the dataset's database for every run."""
+
+    def fresh(self) -> str:
+        """The SQLAlchemy URL of a new, untouched copy."""
+        ...
+
+    def dispose(self) -> None: ...
+
+
+class SqliteCopies:
+    """A copy of the dataset's SQLite file next to it."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.base = dataset.database
+        self.copy = dataset.database.with_name("run.db")
+
+    def fresh(self) -> str:
+        _fresh_copy(self.base, self.copy)
+        return f"sqlite:///{self.copy}"
+
+    def dispose(self) -> None:
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{self.copy}{suffix}").unlink(missing_ok=True)
+
+
+POSTGRES_ADMIN_URL = os.environ.get(
+    "FSWATCH_SYNC_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+_PG_BASE, _PG_RUN = "fswatch_sync_bench_base", "fswatch_sync_bench_run"
+_TASK_COLUMNS = (
+    "id, task_id, target_model, target_app_number, status,"
+    " created_at, started_at, completed_at, error_message"
+)
+
+
+class PostgresCopies:
+    """The dataset loaded once into a template database (COPY from the SQLite file, then
+    VACUUM ANALYZE); every run gets a new database created from that template."""
+
+    def __init__(self, dataset: Dataset, admin_url: str, log: Callable[[str], None]) -> None:
+        self.admin_url = admin_url
+        started = time.perf_counter()
+        self._admin(f"DROP DATABASE IF EXISTS {_PG_RUN}", f"DROP DATABASE IF EXISTS {_PG_BASE}",
+                    f"CREATE DATABASE {_PG_BASE}")
+        base_url = self._url(_PG_BASE)
+        engine = fsdb.create_engine(base_url)
+        try:
+            Store(engine).init_db()
+        finally:
+            engine.dispose()
+        source = sqlite3.connect(dataset.database)
+        target = _PostgresFloorConnection(base_url)
+        try:
+            with target.connection.cursor() as cursor:
+                for table, columns in (
+                    (APPS_TABLE, "id, model_slug, app_number, created_at"),
+                    (TASKS_TABLE, _TASK_COLUMNS),
+                ):
+                    with cursor.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
+                        for row in source.execute(f"SELECT {columns} FROM {table}"):
+                            copy.write_row(row)
+                    cursor.execute(
+                        f"SELECT setval(pg_get_serial_sequence('{table}', 'id'),"
+                        f" (SELECT max(id) FROM {table}))"
+                    )
+            target.execute("VACUUM ANALYZE")
+        finally:
+            source.close()
+            target.close()
+        log(f"loaded into PostgreSQL database {_PG_BASE} in {time.perf_counter() - started:.1f} s")
+
+    def _url(self, database: str) -> str:
+        return sa.make_url(self.admin_url).set(database=database).render_as_string(
+            hide_password=False
+        )
+
+    def _admin(self, *statements: str) -> None:
+        connection = _PostgresFloorConnection(self.admin_url)
+        try:
+            for statement in statements:
+                connection.execute(statement)
+        finally:
+            connection.close()
+
+    def fresh(self) -> str:
+        self._admin(
+            f"DROP DATABASE IF EXISTS {_PG_RUN}", f"CREATE DATABASE {_PG_RUN} TEMPLATE {_PG_BASE}"
+        )
+        return self._url(_PG_RUN)
+
+    def dispose(self) -> None:
+        self._admin(f"DROP DATABASE IF EXISTS {_PG_RUN}", f"DROP DATABASE IF EXISTS {_PG_BASE}")
+
+
+def postgres_unavailable(admin_url: str) -> str | None:
+    """Why the PostgreSQL entry cannot run here, or None."""
+    try:
+        _PostgresFloorConnection(admin_url).close()
+    except ImportError:
+        return "psycopg is not installed (pip install -e '.[postgres]')"
+    except Exception as exc:  # any failure to connect is the reason shown
+        return f"cannot connect to {sa.make_url(admin_url)!s}: {str(exc).splitlines()[0]}"
+    return None
+
+
 def compare(
     scale: Scale,
     *,
@@ -775,9 +951,18 @@ def compare(
     title: str = "",
     judged: bool = True,
     contestants: Iterable[str] = tuple(CONTESTANTS),
+    postgres_url: str | None = None,
 ) -> Result:
-    """Run every contestant ``runs`` times on copies of one dataset, interleaved, and verify."""
+    """Run every contestant ``runs`` times on copies of one dataset, interleaved, and verify.
+
+    On SQLite by default; with ``postgres_url`` (a URL of a database to administer from), on
+    PostgreSQL, the contestants unchanged but for their database URL."""
     dataset = build_dataset(scale, workdir, log)
+    copies: DatasetCopies = (
+        SqliteCopies(dataset)
+        if postgres_url is None
+        else PostgresCopies(dataset, postgres_url, log)
+    )
     load_before = os.getloadavg()[0]
     chosen = list(contestants)
     result = Result(
@@ -789,14 +974,13 @@ def compare(
     counts_seen: dict[str, dict[str, int]] = {}
     cpu: dict[str, list[float]] = {c: [] for c in chosen}
     longest_write: dict[str, list[float]] = {c: [] for c in chosen}
-    copy = dataset.database.with_name("run.db")
     for round_number in range(runs):
         # Rotate the order each round so no contestant always runs on a warmer machine.
         shift = round_number % len(chosen)
         for contestant in chosen[shift:] + chosen[:shift]:
-            _fresh_copy(dataset.database, copy)
-            run = CONTESTANTS[contestant][1](copy, dataset.root)
-            digest, summary = outcome(copy)
+            url = copies.fresh()
+            run = CONTESTANTS[contestant][1](url, dataset.root)
+            digest, summary = outcome(url)
             result.contestant(contestant).samples.append(run.seconds)
             cpu[contestant].append(run.cpu_seconds)
             if run.longest_write is not None:
@@ -818,8 +1002,7 @@ def compare(
                     f" {summary} (expected {dataset.expected_summary})"
                 )
             counts_seen[contestant] = run.counts
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{copy}{suffix}").unlink(missing_ok=True)
+    copies.dispose()
     for ours in (c for c in FSWATCH if c in chosen):
         if "seed" in chosen:
             result.add_ratio("seed", ours, Target(">=", 20), judged=judged)
@@ -892,4 +1075,32 @@ def sweep_backlog(options: Options) -> Result:
         title="the first sweep on a SQLite file (a backlog: 10 % of all tasks past retention):"
         " fswatch_sync vs the seed's algorithm vs a floor",
         judged=False,
+    )
+
+
+@entry(
+    "sweep-postgres",
+    "the same sweep on PostgreSQL: each of the seed's queries becomes a round trip",
+)
+def sweep_postgres(options: Options) -> Result:
+    title = (
+        "one hourly sweep on PostgreSQL (the steady-state data of `sweep`): fswatch_sync vs the"
+        " seed's algorithm vs a floor"
+    )
+    reason = postgres_unavailable(POSTGRES_ADMIN_URL)
+    if reason is not None:
+        skipped = Result(entry="sweep-postgres", title=title)
+        skipped.notes.append(f"not run: {reason}")
+        # Under CI the server is part of the machine: its absence is a failure, not a skip.
+        skipped.ok = os.environ.get("CI") != "true"
+        return skipped
+    return compare(
+        QUICK if options.quick else FULL,
+        runs=options.runs,
+        workdir=options.workdir,
+        log=options.log,
+        name="sweep-postgres",
+        title=title,
+        judged=False,
+        postgres_url=POSTGRES_ADMIN_URL,
     )
