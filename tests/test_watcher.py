@@ -128,16 +128,21 @@ def test_each_removal_of_an_app_directory_is_a_hint(
         os.rename(app, app.with_name("app2.old"))
     else:
         os.rename(app, app.with_name("old-app2"))
-    wait_until(lambda: recorder.seen(AppGone(AppKey(SLUG, 2))), what="the app's hint")
+    gone = AppGone(AppKey(SLUG, 2))
+    wait_until(lambda: recorder.seen(gone), what="the app's hint")
+    marker = settle(tree, recorder, SLUG)
+    assert recorder.hints == [gone, marker]  # one hint, nothing for the directory's new name
 
 
 def test_rmdir_of_an_empty_app_directory_is_a_hint(
     watcher: Watcher, tree: Path, recorder: Recorder
 ) -> None:
     (tree / SLUG / "app9").mkdir()
-    settle(tree, recorder, SLUG)  # the polling observer has seen it before it goes
+    marker = settle(tree, recorder, SLUG)  # the polling observer has seen it before it goes
     os.rmdir(tree / SLUG / "app9")
-    wait_until(lambda: recorder.seen(AppGone(AppKey(SLUG, 9))), what="the app's hint")
+    gone = AppGone(AppKey(SLUG, 9))
+    wait_until(lambda: recorder.seen(gone), what="the app's hint")
+    assert recorder.hints == [marker, gone]
 
 
 def test_model_directory_removed_is_one_hint_and_its_watch_goes(
@@ -156,6 +161,8 @@ def test_new_model_directory_gets_a_watch(
     wait_until(lambda: "new_model" in watcher.watched_models(), what="the new watch")
     shutil.rmtree(tree / "new_model" / "app4")
     wait_until(lambda: recorder.seen(AppGone(AppKey("new_model", 4))), what="the hint")
+    assert recorder.hints == [AppGone(AppKey("new_model", 4))]  # creating it hinted nothing
+    assert watcher.watched_models() == {SLUG, "other_model", "new_model"}
 
 
 def test_root_removed_and_back(watcher: Watcher, tree: Path, recorder: Recorder) -> None:
@@ -168,6 +175,9 @@ def test_root_removed_and_back(watcher: Watcher, tree: Path, recorder: Recorder)
     wait_until(lambda: SLUG in watcher.watched_models(), what="the model watched again")
     shutil.rmtree(tree / SLUG / "app7")
     wait_until(lambda: recorder.seen(AppGone(AppKey(SLUG, 7))), what="a hint after the return")
+    assert recorder.hints[-1] == AppGone(AppKey(SLUG, 7))
+    assert watcher.watched_models() == {SLUG}  # only what came back
+    assert watcher.watch_count == 3
 
 
 def test_root_replaced_and_reported_only_as_modified_is_watched_again(
@@ -236,6 +246,9 @@ def test_symlinked_root_is_watched_where_it_leads(
         )
         shutil.rmtree(root / "third_model" / "app3")
         wait_until(lambda: recorder.seen(AppGone(AppKey("third_model", 3))), what="a hint")
+        assert ModelGone(SLUG) in recorder.hints
+        assert recorder.hints[-1] == AppGone(AppKey("third_model", 3))
+        assert watcher.watched_models() == {"third_model"}
     finally:
         watcher.stop()
 
