@@ -24,7 +24,7 @@ from fswatch_sync.errors import (
     SweepRefused,
 )
 from fswatch_sync.layout import is_safe_slug, parse_app_dir_name
-from fswatch_sync.settings import SPECS, Settings, load_settings, redact_url
+from fswatch_sync.settings import SECRET_SETTINGS, SPECS, Settings, load_settings, redact_url
 from fswatch_sync.store import Store
 from fswatch_sync.sweep import Sweeper, SweepReport
 
@@ -43,7 +43,7 @@ def _settings_parent() -> _Parser:
     group = parent.add_argument_group("settings (flag > environment > config file > default)")
     group.add_argument("--config", metavar="PATH", help="TOML settings file (FSWATCH_SYNC_CONFIG)")
     for spec in SPECS:
-        if spec.name in ("http_token",):
+        if spec.name in SECRET_SETTINGS:
             continue  # secrets come from the environment or the file, never argv
         group.add_argument(
             spec.flag, dest=f"setting_{spec.name}", metavar="VALUE", default=None,
@@ -164,9 +164,9 @@ _opened: list[Any] = []  # engines a command opened; main() closes their pools w
 
 
 def open_store(settings: Settings) -> Store:
-    engine = db.create_engine(settings.database_url)
-    _opened.append(engine)
-    return Store(engine, settings.schema, batch_size=settings.batch_size)
+    store = Store.from_settings(settings)
+    _opened.append(store.engine)
+    return store
 
 
 def _print_table(rows: Sequence[Sequence[Any]], out: TextIO) -> None:

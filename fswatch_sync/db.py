@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -155,13 +154,6 @@ def retrying(max_seconds: float = 60.0) -> Callable[[Callable[..., T]], Callable
         before_sleep=_log_retry,
         reraise=True,
     )
-
-
-@contextmanager
-def transaction(engine: Engine) -> Iterator[Connection]:
-    """One write transaction: committed on success, rolled back on any error."""
-    with engine.begin() as connection:
-        yield connection
 
 
 def utcnow() -> datetime:

@@ -178,7 +178,10 @@ def restore(store: Store, selection: Selection, *, dry_run: bool = False) -> Res
 def _undo(connection: Connection, store: Store, table: Table, entry: Any) -> None:
     image = _decode(table, json.loads(entry.before_image))
     where_pk = _pk_clause(table, image)
-    current = connection.execute(sa.select(table).where(where_pk)).first()
+    # Locked as the store's own reads are: what is checked below cannot change before the write.
+    current = connection.execute(
+        store.locked(sa.select(table).where(where_pk), connection)
+    ).first()
     host = store.host
     if entry.action in ("app_removed", "task_purged", "dependent_deleted"):
         if current is not None:
@@ -267,11 +270,13 @@ def _undo(connection: Connection, store: Store, table: Table, entry: Any) -> Non
         )
         if name
     ]
-    connection.execute(
+    reverted = connection.execute(
         sa.update(table)
         .where(where_pk, status == entry.new_status)
         .values({name: image.get(name) for name in restored_columns})
     )
+    if reverted.rowcount != 1:
+        raise RestoreConflict(f"journal entry {entry.id}: the task moved on during the restore")
 
 
 def _require_apps(

@@ -94,13 +94,6 @@ def slug_for_path(root: Path, path: str | os.PathLike[str]) -> str | None:
     return parts[0] if len(parts) == 1 and is_safe_slug(parts[0]) else None
 
 
-def _is_real_dir(path: Path) -> bool:
-    try:
-        return stat.S_ISDIR(os.lstat(path).st_mode)
-    except (OSError, ValueError):
-        return False
-
-
 # Errors that prove a path is not there. Any other (EACCES, EIO, ESTALE...) proves nothing.
 _ABSENT = (FileNotFoundError, NotADirectoryError)
 

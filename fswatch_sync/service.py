@@ -45,11 +45,6 @@ STOP_JOIN_SECONDS = 3.0
 STOP_TOTAL_SECONDS = 4.0
 
 
-def open_store(settings: Settings) -> Store:
-    return Store(db.create_engine(settings.database_url), settings.schema,
-                 batch_size=settings.batch_size)
-
-
 class Service:
     """One running instance of fswatch_sync."""
 
@@ -64,7 +59,7 @@ class Service:
         self.settings = settings
         # An engine the service opened is the service's to close when it stops.
         self._owns_engine = store is None
-        self.store = store or open_store(settings)
+        self.store = store or Store.from_settings(settings)
         self.instance_id = instance_id or records.new_instance_id()
         self.initial_sweep = initial_sweep
         self.stats = Stats()

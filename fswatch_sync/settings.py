@@ -345,7 +345,8 @@ SPECS: tuple[SettingSpec, ...] = (
 )
 
 _SPEC_BY_NAME = {spec.name: spec for spec in SPECS}
-_SECRET_SETTINGS = frozenset({"http_token"})
+# Never a command-line flag (argv is visible to every user) and never shown in clear.
+SECRET_SETTINGS = frozenset({"http_token"})
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -436,7 +437,7 @@ def describe(settings: Settings) -> dict[str, Any]:
         value = getattr(settings, item.name)
         if item.name == "database_url":
             value = settings.redacted_database_url()
-        elif item.name in _SECRET_SETTINGS:
+        elif item.name in SECRET_SETTINGS:
             value = "***" if value else ""
         elif isinstance(value, Path):
             value = str(value)

@@ -34,6 +34,7 @@ from fswatch_sync.schema import (
     journal_table,
     tool_metadata,
 )
+from fswatch_sync.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,13 @@ class Store:
 
     # -- set-up -------------------------------------------------------------------------------
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Store:
+        """A store on a new engine for the settings' database, schema and batch size."""
+        return cls(
+            db.create_engine(settings.database_url), settings.schema, batch_size=settings.batch_size
+        )
+
     def init_db(self) -> list[str]:
         """Create the tool's tables and, for the embedded default, the host tables. Idempotent."""
         existing = set(sa.inspect(self.engine).get_table_names())
@@ -201,7 +209,7 @@ class Store:
     def _retry(self, function: Callable[..., T]) -> Callable[..., T]:
         return db.retrying(self.retry_seconds)(function)
 
-    def _locked(self, statement: Select[Any], connection: Connection) -> Select[Any]:
+    def locked(self, statement: Select[Any], connection: Connection) -> Select[Any]:
         # A dry run reads through the read-only engine and takes no row locks.
         if db.locks_rows(connection) and not db.is_read_only(connection):
             return statement.with_for_update()
@@ -244,7 +252,6 @@ class Store:
     def active_tasks(self, where: ColumnElement[bool] | None = None) -> list[ActiveTask]:
         """Every active task (for which ``where`` holds), with whether its target app has a row."""
         host = self.host
-        tasks, apps = host.tasks, host.apps
         has_app = (
             sa.select(sa.literal(1))
             .where(
@@ -264,7 +271,6 @@ class Store:
         ).where(host.task_col("status").in_(self.config.statuses.active))
         if where is not None:
             statement = statement.where(where)
-        del tasks, apps
         with self.reader.connect() as connection:
             return [
                 ActiveTask(
@@ -316,7 +322,7 @@ class Store:
         journal = _Journal(source, now)
         with self._write(dry_run) as connection:
             rows = connection.execute(
-                self._locked(
+                self.locked(
                     sa.select(host.apps).where(keys_clause(slug_col, number_col, keys)),
                     connection,
                 )
@@ -343,7 +349,7 @@ class Store:
                 return outcome
             removing = sorted(by_key)
             tasks = connection.execute(
-                self._locked(
+                self.locked(
                     sa.select(host.tasks).where(
                         keys_clause(
                             host.task_col("target_model"),
@@ -401,7 +407,7 @@ class Store:
             else sa.tuple_(*columns).in_(list(key_by_ref))
         )
         statement = sa.select(dependent.table).where(pointing)
-        rows = connection.execute(self._locked(statement, connection)).all()
+        rows = connection.execute(self.locked(statement, connection)).all()
         if not rows:
             return []
 
@@ -475,7 +481,7 @@ class Store:
         journal = _Journal(source, now)
         with self._write() as connection:
             rows = connection.execute(
-                self._locked(
+                self.locked(
                     sa.select(host.tasks).where(host.task_col("id").in_(pks), still), connection
                 )
             ).all()
@@ -608,7 +614,7 @@ class Store:
         journal = _Journal(source, now)
         with self._write() as connection:
             rows = connection.execute(
-                self._locked(
+                self.locked(
                     sa.select(host.tasks).where(task_id.in_(pks), condition).order_by(task_id),
                     connection,
                 )
@@ -691,20 +697,20 @@ def _set_task_status(
     the task's row (one UPDATE per old status then, however many apps the batch holds).
     """
     id_col, status_col = host.task_col("id"), host.task_col("status")
+    # The columns are resolved once, not once per row: a batch holds hundreds of rows.
+    task_id_col, model_col, number_col = (
+        host.task_col(role) for role in ("task_id", "target_model", "target_app_number")
+    )
     changes: list[TaskChange] = []
     by_group: dict[tuple[str, str | ColumnElement[str]], list[Any]] = {}
     for row in rows:
         mapping = row._mapping
-        key = _task_key(host, row)
-        changes.append(
-            TaskChange(mapping[id_col], str(mapping[host.task_col("task_id")]), key,
-                       mapping[status_col], new_status)
-        )
-        journal.add(
-            action, host.tasks, row, key, old_status=mapping[status_col], new_status=new_status
-        )
+        pk, old_status = mapping[id_col], mapping[status_col]
+        key = AppKey(mapping[model_col], int(mapping[number_col]))
+        changes.append(TaskChange(pk, str(mapping[task_id_col]), key, old_status, new_status))
+        journal.add(action, host.tasks, row, key, old_status=old_status, new_status=new_status)
         text = message if isinstance(message, ColumnElement) else message(key)
-        by_group.setdefault((mapping[status_col], text), []).append(mapping[id_col])
+        by_group.setdefault((old_status, text), []).append(pk)
     if dry_run:
         return changes
     stamp = db.to_db_time(now)
