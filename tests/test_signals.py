@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from blinker import Namespace
 from helpers import (
     OTHER_SLUG,
     SLUG,
+    TASKS,
     SeededApp,
     add_app_row,
     add_task,
@@ -157,6 +159,45 @@ def test_sweep_signals_and_orphan_cancellation(
         ("finished", (1, 1, 1)),
     ]
     assert not has_row(probe, orphan)
+
+
+def test_stuck_and_purge_signals_are_sent_after_their_commits(
+    service: Service, probe: Engine, apps: dict[AppKey, SeededApp]
+) -> None:
+    now = db.utcnow()
+    add_task(probe, "stuck-run", A1, "running",
+             created_at=now - timedelta(hours=3), started_at=now - timedelta(hours=2))
+    add_task(probe, "stuck-wait", A1, "pending", created_at=now - timedelta(hours=2))
+    add_task(probe, "old-done", A1, "completed", created_at=now - timedelta(days=41),
+             started_at=now - timedelta(days=41), completed_at=now - timedelta(days=40))
+    seen: list[tuple[str, Any]] = []
+
+    def on_failed(sender: Any, *, change: TaskChange, reason: str, **_extra: Any) -> None:
+        # Read through another connection: the change is committed before the signal.
+        seen.append(("failed", (change.task_id, reason, task_row(probe, change.task_id)
+                                ["status"])))
+
+    def on_cancelled(sender: Any, *, change: TaskChange, reason: str, **_extra: Any) -> None:
+        seen.append(("cancelled", (change.task_id, reason, task_row(probe, change.task_id)
+                                   ["status"])))
+
+    def on_purged(sender: Any, *, count: int, cutoff: Any, **_extra: Any) -> None:
+        with probe.connect() as connection:
+            left = connection.execute(
+                sa.select(sa.func.count()).select_from(TASKS).where(TASKS.c.task_id == "old-done")
+            ).scalar_one()
+        seen.append(("purged", (count, left, cutoff < now - timedelta(days=29))))
+
+    with signals.task_failed.connected_to(on_failed, sender=service), \
+            signals.task_cancelled.connected_to(on_cancelled, sender=service), \
+            signals.tasks_purged.connected_to(on_purged, sender=service):
+        report = service.sweep_now(trigger="manual")
+    assert (report.stuck_running, report.stuck_pending, report.old_tasks) == (1, 1, 1)
+    assert seen == [
+        ("failed", ("stuck-run", "stuck_running", "failed")),
+        ("cancelled", ("stuck-wait", "stuck_pending", "cancelled")),
+        ("purged", (1, 0, True)),
+    ]
 
 
 def test_send_runs_every_receiver_even_after_one_raises() -> None:
