@@ -285,6 +285,12 @@ def test_cli_guard(store: Store, database_url: str, apps_root: Path, now: dateti
     assert (code, report["dry_run"]) == (3, False), stderr
     assert host_state(engine) == before
     code, report, stderr = sweep_json(
+        ["--dry-run", "--max-delete-fraction", "0.7"], database_url, apps_root, now
+    )
+    assert (code, report["dry_run"]) == (0, True), stderr
+    assert (report["orphan_apps"], report["orphan_tasks"]) == (6, 6)
+    assert host_state(engine) == before
+    code, report, stderr = sweep_json(
         ["--max-delete-fraction", "0.7"], database_url, apps_root, now
     )
     assert code == 0, stderr
