@@ -329,7 +329,6 @@ def test_init_db_is_idempotent(database_url: str, tmp_path: Path) -> None:
         engine.dispose()
 
 
-@pytest.mark.parametrize("backend", ["sqlite"])
 def test_status_journal_and_human_output(
     store: Store, database_url: str, apps_root: Path, now: datetime
 ) -> None:
@@ -366,7 +365,6 @@ def test_status_journal_and_human_output(
     assert "app_removed" in journal_human.stdout
 
 
-@pytest.mark.parametrize("backend", ["sqlite"])
 def test_a_held_lease_fails_the_sweep_in_one_line(
     store: Store, database_url: str, apps_root: Path, now: datetime
 ) -> None:
