@@ -13,7 +13,7 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -97,13 +97,32 @@ def test_rm_rf_of_an_app_directory(
     assert removed_by_reactor(probe, apps, (A5,)) == expected(apps, (A5,))
 
 
-def test_rm_rf_on_every_backend(database_url: str, apps_root: Path) -> None:
+def test_every_removal_kind_on_every_backend(
+    database_url: str, apps_root: Path, tmp_path: Path
+) -> None:
+    """Each kind in turn in one running service; the reactor acts on a row younger than the
+    grace and is not held back by the sweep's mass-deletion guard (6 of 7 rows go)."""
     init_database(database_url)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
     with probe_engine(database_url) as probe:
-        apps = seed_apps(probe, apps_root, ALL)
-        with running_service(make_settings(apps_root, database_url)):
-            shutil.rmtree(apps[A2].path)
-            assert removed_by_reactor(probe, apps, (A2,)) == expected(apps, (A2,))
+        apps = seed_apps(probe, apps_root, (*ALL, AppKey(SLUG, 3)))
+        young = seed_app(probe, apps_root, AppKey(SLUG, 7), empty=True, age=timedelta(0))
+        apps[young.key] = young
+        steps: list[tuple[tuple[AppKey, ...], Callable[[], object]]] = [
+            ((A2,), lambda: shutil.rmtree(apps[A2].path)),
+            ((young.key,), lambda: os.rmdir(young.path)),
+            ((A5,), lambda: os.rename(apps[A5].path, elsewhere / "app5")),
+            ((A1,), lambda: os.rename(apps[A1].path, apps[A1].path.with_name("old-app1"))),
+            ((B1, B2), lambda: shutil.rmtree(apps_root / OTHER_SLUG)),
+        ]
+        gone: tuple[AppKey, ...] = ()
+        settings = make_settings(apps_root, database_url, max_delete_fraction=0.1)
+        with running_service(settings):
+            for keys, remove in steps:
+                remove()
+                gone += keys
+                assert removed_by_reactor(probe, apps, gone) == expected(apps, gone), keys
 
 
 def test_rmdir_of_an_empty_app_directory(
