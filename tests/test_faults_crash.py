@@ -23,7 +23,12 @@ from fswatch_sync.store import Store
 
 
 @pytest.mark.parametrize(
-    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+    "backend",
+    [
+        "sqlite",
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        pytest.param("mysql", marks=pytest.mark.mysql),
+    ],
 )
 def test_crash_kill9_quick_rounds(backend: str, tmp_path: Path) -> None:
     result = harness.run_quick_in_pytest("crash-kill9", backend, tmp_path)

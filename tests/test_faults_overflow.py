@@ -13,7 +13,12 @@ from faults import harness
 
 
 @pytest.mark.parametrize(
-    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+    "backend",
+    [
+        "sqlite",
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        pytest.param("mysql", marks=pytest.mark.mysql),
+    ],
 )
 def test_a_real_kernel_queue_overflow_is_followed_by_a_sweep(backend: str, tmp_path: Path) -> None:
     result = harness.run_quick_in_pytest("overflow-real", backend, tmp_path)
@@ -21,7 +26,12 @@ def test_a_real_kernel_queue_overflow_is_followed_by_a_sweep(backend: str, tmp_p
 
 
 @pytest.mark.parametrize(
-    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+    "backend",
+    [
+        "sqlite",
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        pytest.param("mysql", marks=pytest.mark.mysql),
+    ],
 )
 def test_an_injected_overflow_is_followed_by_a_sweep(backend: str, tmp_path: Path) -> None:
     result = harness.run_quick_in_pytest("overflow-injected", backend, tmp_path)

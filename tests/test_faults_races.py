@@ -108,7 +108,12 @@ def test_the_property_finds_a_removal_that_ignores_its_recheck(
 
 
 @pytest.mark.parametrize(
-    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+    "backend",
+    [
+        "sqlite",
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        pytest.param("mysql", marks=pytest.mark.mysql),
+    ],
 )
 def test_race_reactor_recreate_quick_rounds(backend: str, tmp_path: Path) -> None:
     result = harness.run_quick_in_pytest("race-reactor-recreate", backend, tmp_path)

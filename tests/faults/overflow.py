@@ -246,7 +246,7 @@ def injected_overflow_round(
 
 @scenario(
     "overflow-real",
-    backends=("sqlite", "postgres"),
+    backends=("sqlite", "postgres", "mysql"),
     quick=1,
     long=10,
     summary="the daemon (a process) frozen with SIGSTOP while a watched model dir gets file"
