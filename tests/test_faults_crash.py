@@ -22,14 +22,6 @@ from fswatch_sync.schema import leases_table
 from fswatch_sync.store import Store
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [
-        "sqlite",
-        pytest.param("postgres", marks=pytest.mark.postgres),
-        pytest.param("mysql", marks=pytest.mark.mysql),
-    ],
-)
 def test_crash_kill9_quick_rounds(backend: str, tmp_path: Path) -> None:
     result = harness.run_quick_in_pytest("crash-kill9", backend, tmp_path)
     assert result.passed, f"{result.key}: {result.details}"

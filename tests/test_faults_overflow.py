@@ -8,31 +8,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import faults.overflow  # noqa: F401  (registers the scenarios)
-import pytest
 from faults import harness
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [
-        "sqlite",
-        pytest.param("postgres", marks=pytest.mark.postgres),
-        pytest.param("mysql", marks=pytest.mark.mysql),
-    ],
-)
 def test_a_real_kernel_queue_overflow_is_followed_by_a_sweep(backend: str, tmp_path: Path) -> None:
     result = harness.run_quick_in_pytest("overflow-real", backend, tmp_path)
     assert result.passed, f"{result.key}: {result.details}"
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [
-        "sqlite",
-        pytest.param("postgres", marks=pytest.mark.postgres),
-        pytest.param("mysql", marks=pytest.mark.mysql),
-    ],
-)
 def test_an_injected_overflow_is_followed_by_a_sweep(backend: str, tmp_path: Path) -> None:
     result = harness.run_quick_in_pytest("overflow-injected", backend, tmp_path)
     assert result.passed, f"{result.key}: {result.details}"

@@ -20,11 +20,6 @@ from fswatch_sync import store as store_module
 from fswatch_sync.store import Store, TaskChange
 
 
-@pytest.mark.parametrize(
-    "backend",
-    ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres),
-     pytest.param("mysql", marks=pytest.mark.mysql)],
-)
 def test_race_runner_vs_tool_quick_rounds(backend: str, tmp_path: Path) -> None:
     result = harness.run_quick_in_pytest("race-runner-vs-tool", backend, tmp_path)
     assert result.passed, f"{result.key}: {result.details}"
@@ -107,14 +102,6 @@ def test_the_property_finds_a_removal_that_ignores_its_recheck(
     assert "re-check" in text or "was back before" in text, text
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [
-        "sqlite",
-        pytest.param("postgres", marks=pytest.mark.postgres),
-        pytest.param("mysql", marks=pytest.mark.mysql),
-    ],
-)
 def test_race_reactor_recreate_quick_rounds(backend: str, tmp_path: Path) -> None:
     result = harness.run_quick_in_pytest("race-reactor-recreate", backend, tmp_path)
     assert result.passed, f"{result.key}: {result.details}"

@@ -17,11 +17,6 @@ from faults import harness
 from faults.hostile import build_tree, witnesses
 
 
-@pytest.mark.parametrize(
-    "backend",
-    ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres),
-     pytest.param("mysql", marks=pytest.mark.mysql)],
-)
 def test_hostile_tree_through_the_sweep(backend: str, tmp_path: Path) -> None:
     # The random extras of round 2 on SQLite only: the servers are slow to set up here.
     rounds = None if backend == "sqlite" else 1
@@ -76,11 +71,6 @@ def test_a_model_dir_swapped_for_a_symlink_mid_scan(tmp_path: Path) -> None:
     assert result.passed, f"{result.key}: {result.details}"
 
 
-@pytest.mark.parametrize(
-    "backend",
-    ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres),
-     pytest.param("mysql", marks=pytest.mark.mysql)],
-)
 def test_look_alike_model_names(backend: str, tmp_path: Path) -> None:
     result = harness.run_quick_in_pytest("hostile-collation", backend, tmp_path)
     assert result.passed, f"{result.key}: {result.details}"
