@@ -40,6 +40,8 @@ _JournalId = BigInteger().with_variant(Integer(), "sqlite")
 # MySQL/MariaDB keep whole seconds in a plain DATETIME: a lease would expire up to a second
 # early and the sweep history could not order sweeps; microseconds, as on the others.
 _Time = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+# MySQL/MariaDB's TEXT holds 64 KiB; a host row's before-image can be larger.
+_LongText = Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
 
 journal_table = Table(
     "fswatch_sync_journal",
@@ -50,15 +52,36 @@ journal_table = Table(
     Column("action", String(40), nullable=False),
     Column("source", String(20), nullable=False),
     Column("table_name", String(200), nullable=False),
-    Column("row_key", String(200), nullable=True),
-    Column("model_slug", String(200), nullable=True),
-    Column("app_number", Integer, nullable=True),
-    Column("old_status", String(40), nullable=True),
-    Column("new_status", String(40), nullable=True),
-    Column("before_image", Text, nullable=True),
+    # Wide enough for anything a host column can hold (a slug of any length, a BIGINT app
+    # number, an enum or long status, a composite string key): one row the journal could not
+    # hold would stop every sweep.
+    Column("row_key", Text, nullable=True),
+    Column("model_slug", Text, nullable=True),
+    Column("app_number", BigInteger, nullable=True),
+    Column("old_status", Text, nullable=True),
+    Column("new_status", Text, nullable=True),
+    Column("before_image", _LongText, nullable=True),
     Column("restored_at", _Time, nullable=True),
     Index("ix_fswatch_sync_journal_at", "at"),
-    Index("ix_fswatch_sync_journal_app", "model_slug", "app_number"),
+    Index("ix_fswatch_sync_journal_batch", "batch_id"),
+    # MariaDB indexes a TEXT column by a prefix only.
+    Index(
+        "ix_fswatch_sync_journal_app", "app_number", "model_slug", mysql_length={"model_slug": 191}
+    ),
+)
+
+# Apps found missing while the missing-since grace is on (and the host has no column for it):
+# one row per app key, deleted when the app is removed or its directory returns.
+missing_table = Table(
+    "fswatch_sync_missing",
+    tool_metadata,
+    Column("id", _JournalId, primary_key=True, autoincrement=True),
+    Column("model_slug", Text, nullable=False),
+    Column("app_number", BigInteger, nullable=False),
+    Column("missing_since", _Time, nullable=False),
+    Index(
+        "ix_fswatch_sync_missing_app", "app_number", "model_slug", mysql_length={"model_slug": 191}
+    ),
 )
 
 sweeps_table = Table(
