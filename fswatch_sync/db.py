@@ -62,7 +62,25 @@ def create_engine(
     engine = sa.create_engine(url, **options)
     if backend == "sqlite":
         _make_sqlite_transactional(engine, busy_timeout_ms)
+    else:
+        _use_utc_sessions(engine, backend)
     return engine
+
+
+def _use_utc_sessions(engine: Engine, backend: str) -> None:
+    """Every session of the tool's own engine speaks UTC, whatever the server's default or the
+    client's PGTZ: a naive UTC value compared with a ``timestamptz`` (PostgreSQL) or written to a
+    ``TIMESTAMP`` (MariaDB converts those from the session zone) then means what it says."""
+    statement = "SET TIME ZONE 'UTC'" if backend == "postgresql" else "SET time_zone = '+00:00'"
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute(statement)
+        cursor.close()
+        if backend == "postgresql":
+            # psycopg opens a transaction for the SET; end it so the pool gets a clean connection.
+            dbapi_connection.commit()
 
 
 def _make_sqlite_transactional(engine: Engine, busy_timeout_ms: int) -> None:
@@ -165,6 +183,15 @@ def to_db_time(moment: datetime) -> datetime:
     if moment.tzinfo is None:
         return moment
     return moment.astimezone(UTC).replace(tzinfo=None)
+
+
+def bind_time(column: Any, moment: datetime) -> datetime:
+    """``moment`` in the form ``column`` holds: aware UTC for a zone-aware column (correct
+    whatever the session's zone), naive UTC otherwise (naive values are read as UTC)."""
+    column_type = getattr(column, "type", None)
+    if getattr(column_type, "timezone", False):
+        return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return to_db_time(moment)
 
 
 def from_db_time(value: datetime | None) -> datetime | None:

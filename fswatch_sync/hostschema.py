@@ -45,9 +45,11 @@ class HostTables:
     tasks: Table
     dependents: tuple[ResolvedDependent, ...]
     config: SchemaConfig
-    # Foreign keys from other tables (not the sub-task column) to task rows: such a task is
-    # never purged while it is pointed at (policy "restrict"), so a purge cannot fail on them.
+    # Tables whose rows point at task rows (not the sub-task column), each with its policy for
+    # purging an old task: restrict (the task is kept, and counted), delete, nullify.
     task_dependents: tuple[ResolvedDependent, ...] = ()
+    # The parent's column a sub-task's parent column holds (the primary key or, say, task_id).
+    parent_target: str = ""
 
     def app_col(self, role: str) -> Column[Any]:
         column: Column[Any] = self.apps.c[getattr(self.config.apps, role)]
@@ -65,6 +67,14 @@ class HostTables:
     def parent_col(self) -> Column[Any] | None:
         name = self.config.tasks.parent_id
         return self.tasks.c[name] if name else None
+
+    @property
+    def parent_target_col(self) -> Column[Any]:
+        column: Column[Any] = self.tasks.c[self.parent_target or self.config.tasks.id]
+        return column
+
+    def optional_col(self, table: Table, name: str) -> Column[Any] | None:
+        return table.c[name] if name else None
 
 
 def _reflect(engine: Engine, metadata: MetaData, name: str) -> Table:
@@ -99,7 +109,10 @@ def reflect_host_tables(engine: Engine, config: SchemaConfig) -> HostTables:
     found: dict[tuple[str, tuple[str, ...]], tuple[tuple[str, ...], str]] = {
         (d.table, (d.column,)): ((d.references,), d.policy) for d in config.dependents
     }
-    task_fks: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = []
+    task_found: dict[tuple[str, tuple[str, ...]], tuple[tuple[str, ...], str]] = {
+        (d.table, (d.column,)): ((d.references,), d.policy) for d in config.task_dependents
+    }
+    parent_target = config.tasks.parent_references
     for table_name in inspector.get_table_names():
         for fk in inspector.get_foreign_keys(table_name):
             constrained = tuple(fk["constrained_columns"])
@@ -110,10 +123,15 @@ def reflect_host_tables(engine: Engine, config: SchemaConfig) -> HostTables:
                         referred,
                         _discovered_policy(config, tasks, table_name, constrained),
                     )
-            elif fk.get("referred_table") == tasks.name and not (
-                table_name == tasks.name and constrained == (config.tasks.parent_id,)
-            ):
-                task_fks.append((table_name, constrained, referred))
+            elif fk.get("referred_table") == tasks.name:
+                if table_name == tasks.name and constrained == (config.tasks.parent_id,):
+                    if not parent_target and len(referred) == 1:
+                        parent_target = referred[0]
+                elif (table_name, constrained) not in task_found:
+                    task_found[(table_name, constrained)] = (
+                        referred,
+                        config.task_dependents_policy,
+                    )
     dependents = []
     for (table_name, column_names), (referred, policy) in found.items():
         table = _table(engine, metadata, table_name, apps, tasks)
@@ -139,22 +157,132 @@ def reflect_host_tables(engine: Engine, config: SchemaConfig) -> HostTables:
             )
         )
         log.debug("dependent %s: policy %s", described, policy)
-    task_dependents = tuple(
-        ResolvedDependent(
-            table=(table := _table(engine, metadata, table_name, apps, tasks)),
-            columns=tuple(table.c[c] for c in constrained),
-            references=tuple(tasks.c[r] for r in referred),
-            policy="restrict",
+    task_dependents = []
+    for (table_name, column_names), (referred, policy) in task_found.items():
+        table = _table(engine, metadata, table_name, apps, tasks)
+        described = f"{table_name}.{'+'.join(column_names)} -> {tasks.name}.{'+'.join(referred)}"
+        if not all(c in table.c for c in column_names) or not all(r in tasks.c for r in referred):
+            raise SettingsError(
+                "schema.task_dependents", f"{described} names a column that does not exist"
+            )
+        pointing = tuple(table.c[c] for c in column_names)
+        if policy == "nullify" and not all(c.nullable for c in pointing):
+            raise SettingsError(
+                "schema.task_dependents",
+                f"{described}: a NOT NULL column cannot be nullified (use delete or restrict)",
+            )
+        task_dependents.append(
+            ResolvedDependent(
+                table=table,
+                columns=pointing,
+                references=tuple(tasks.c[r] for r in referred),
+                policy=policy,
+            )
         )
-        for table_name, constrained, referred in task_fks
-    )
-    return HostTables(
+    host = HostTables(
         apps=apps,
         tasks=tasks,
         dependents=tuple(dependents),
         config=config,
-        task_dependents=task_dependents,
+        task_dependents=tuple(task_dependents),
+        parent_target=parent_target,
     )
+    validate(host)
+    return host
+
+
+_TEXT_TYPES = (sa.String, sa.Enum)
+
+
+def _kind(column: Column[Any]) -> str:
+    """What a column holds, as far as comparing it goes: "integer", "text", "time" or other."""
+    column_type = column.type
+    if isinstance(column_type, sa.Integer):
+        return "integer"
+    if isinstance(column_type, _TEXT_TYPES):
+        return "text"
+    if isinstance(column_type, sa.DateTime):
+        return "time"
+    try:
+        python_type = column_type.python_type
+    except NotImplementedError:
+        return "other"
+    if python_type is int:
+        return "integer"
+    if python_type is str:
+        return "text"
+    return "other"
+
+
+def _require(column: Column[Any], kind: str, setting: str, why: str) -> None:
+    found = _kind(column)
+    if found != kind:
+        raise SettingsError(
+            setting,
+            f"{column.table.name}.{column.name} is {column.type} ({found}); it must hold"
+            f" {kind} values: {why}",
+        )
+
+
+def validate(host: HostTables) -> None:
+    """Refuse, before any change, a mapping the rules cannot apply: every column must hold what
+    the tool compares it with and writes into it."""
+    config = host.config
+    apps, tasks = "schema.apps_columns", "schema.tasks_columns"
+    _require(host.app_col("model_slug"), "text", f"{apps}.model_slug", "it is a directory name")
+    _require(host.app_col("app_number"), "integer", f"{apps}.app_number", "N of app{N}")
+    _require(host.task_col("target_model"), "text", f"{tasks}.target_model", "a model slug")
+    _require(host.task_col("target_app_number"), "integer", f"{tasks}.target_app_number",
+             "N of app{N}")
+    _require(host.task_col("status"), "text", f"{tasks}.status", "status names are compared")
+    for role in ("created_at",):
+        _require(host.app_col(role), "time", f"{apps}.{role}", "the grace compares it")
+    for role in ("created_at", "started_at", "completed_at"):
+        _require(host.task_col(role), "time", f"{tasks}.{role}", "the timeouts compare it")
+    for role, table, setting in (
+        ("updated_at", host.apps, apps), ("missing_since", host.apps, apps),
+    ):
+        name = getattr(config.apps, role)
+        if name:
+            if name not in table.c:
+                raise SettingsError(f"{setting}.{role}", f"column {name!r} is not in {table.name!r}")
+            _require(table.c[name], "time", f"{setting}.{role}", "the tool writes a time")
+    if config.tasks.updated_at:
+        _require(host.task_col("updated_at"), "time", f"{tasks}.updated_at", "a time is written")
+    if config.tasks.error_message:
+        _require(host.task_col("error_message"), "text", f"{tasks}.error_message",
+                 "the tool writes a message")
+    status = host.task_col("status")
+    if isinstance(status.type, sa.Enum) and status.type.enums:
+        allowed = set(status.type.enums)
+        for value in (*config.statuses.active, *config.statuses.terminal):
+            if value not in allowed:
+                raise SettingsError(
+                    "schema.statuses",
+                    f"{value!r} is not a value of the enum of {host.tasks.name}.{status.name}"
+                    f" ({', '.join(sorted(allowed))})",
+                )
+    parent = host.parent_col
+    if parent is not None:
+        if host.parent_target and host.parent_target not in host.tasks.c:
+            raise SettingsError(
+                f"{tasks}.parent_references",
+                f"column {host.parent_target!r} is not in table {host.tasks.name!r}",
+            )
+        target = host.parent_target_col
+        if _kind(parent) != _kind(target):
+            raise SettingsError(
+                f"{tasks}.parent_id",
+                f"{host.tasks.name}.{parent.name} ({parent.type}) cannot hold"
+                f" {host.tasks.name}.{target.name} ({target.type}); set"
+                f" schema.tasks_columns.parent_references to the column it points at",
+            )
+    for name, table in (("apps", host.apps), ("tasks", host.tasks)):
+        if len(table.primary_key.columns) != 1:
+            raise SettingsError(
+                f"schema.{name}_table",
+                f"{table.name} needs a one-column primary key (the batches walk it)",
+            )
 
 
 def _discovered_policy(

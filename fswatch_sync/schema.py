@@ -8,6 +8,7 @@ before-images and restores.
 from __future__ import annotations
 
 from collections.abc import Mapping
+import string
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -134,6 +135,9 @@ class AppColumns:
     model_slug: str = "model_slug"
     app_number: str = "app_number"
     created_at: str = "created_at"
+    # Optional host columns: set on every row the tool changes / marks missing.
+    updated_at: str = ""
+    missing_since: str = ""
 
 
 @dataclass(frozen=True)
@@ -147,8 +151,20 @@ class TaskColumns:
     started_at: str = "started_at"
     completed_at: str = "completed_at"
     error_message: str = "error_message"
-    # Column holding the parent task's primary key, for hosts whose tasks have sub-tasks.
+    # Column holding the parent task's key, for hosts whose tasks have sub-tasks, and the
+    # parent's column it holds (read from the foreign key when empty, else the primary key).
     parent_id: str = ""
+    parent_references: str = ""
+    updated_at: str = ""
+
+
+@dataclass(frozen=True)
+class Messages:
+    """The error message each rule writes into a task (capped at 1000 characters)."""
+
+    orphan_task: str = "cancelled: target app is gone (it has no row any more)"
+    stuck_running: str = "failed: still running after {minutes} minutes"
+    stuck_pending: str = "cancelled: still pending after {minutes} minutes"
 
 
 @dataclass(frozen=True)
@@ -195,6 +211,10 @@ class SchemaConfig:
     dependents: tuple[Dependent, ...] = ()
     # Policy for foreign keys discovered in the database that no [[schema.dependents]] names.
     dependents_policy: str = "restrict"
+    # Tables whose rows point at tasks: what purging an old task does to them.
+    task_dependents: tuple[Dependent, ...] = ()
+    task_dependents_policy: str = "restrict"
+    messages: Messages = field(default_factory=Messages)
     # Whether init-db creates the two host tables. True only for the embedded default.
     manage_host_tables: bool = True
     cancel_message: str = "target app is gone: {model_slug}/app{app_number} no longer exists"
@@ -213,14 +233,17 @@ class SchemaConfig:
             _check_template("schema.cancel_message", kwargs["cancel_message"])
         if "apps_columns" in data:
             kwargs["apps"] = _dataclass_from(
-                AppColumns, "schema.apps_columns", data.pop("apps_columns")
+                AppColumns,
+                "schema.apps_columns",
+                data.pop("apps_columns"),
+                optional={"updated_at", "missing_since"},
             )
         if "tasks_columns" in data:
             kwargs["tasks"] = _dataclass_from(
                 TaskColumns,
                 "schema.tasks_columns",
                 data.pop("tasks_columns"),
-                optional={"parent_id", "error_message"},
+                optional={"parent_id", "parent_references", "error_message", "updated_at"},
             )
         if "statuses" in data:
             kwargs["statuses"] = _statuses(data.pop("statuses"))
@@ -229,7 +252,17 @@ class SchemaConfig:
                 "schema.dependents_policy", data.pop("dependents_policy")
             )
         if "dependents" in data:
-            kwargs["dependents"] = _dependents(data.pop("dependents"))
+            kwargs["dependents"] = _dependents(data.pop("dependents"), "schema.dependents")
+        if "task_dependents_policy" in data:
+            kwargs["task_dependents_policy"] = _policy(
+                "schema.task_dependents_policy", data.pop("task_dependents_policy")
+            )
+        if "task_dependents" in data:
+            kwargs["task_dependents"] = _dependents(
+                data.pop("task_dependents"), "schema.task_dependents"
+            )
+        if "messages" in data:
+            kwargs["messages"] = _messages(data.pop("messages"))
         if data:
             raise SettingsError(f"schema.{sorted(data)[0]}", "unknown key in [schema]")
         return cls(**kwargs)
@@ -242,6 +275,8 @@ class SchemaConfig:
             "terminal_statuses": list(self.statuses.terminal),
             "dependents": [d.__dict__ for d in self.dependents],
             "dependents_policy": self.dependents_policy,
+            "task_dependents": [d.__dict__ for d in self.task_dependents],
+            "task_dependents_policy": self.task_dependents_policy,
             "manage_host_tables": self.manage_host_tables,
         }
 
@@ -252,16 +287,45 @@ def _name(setting: str, raw: Any) -> str:
     return raw
 
 
-def _check_template(setting: str, template: str) -> None:
-    """A cancel message may name {model_slug} and {app_number}; anything else would only fail
-    later, inside every removal."""
+MAX_TEMPLATE_LENGTH = 1000
+
+
+def _check_template(setting: str, template: str, names: tuple[str, ...] = ("model_slug", "app_number")) -> None:
+    """A message template may name only ``names``, without format specs or conversions: the
+    database builds the message (one UPDATE per batch), and a spec like ``{x:>20000000}`` would
+    otherwise write megabytes per task."""
+    shown = ", ".join(f"{{{name}}}" for name in names)
+    if len(template) > MAX_TEMPLATE_LENGTH:
+        raise SettingsError(setting, f"longer than {MAX_TEMPLATE_LENGTH} characters")
     try:
-        template.format(model_slug="slug", app_number=1)
-    except (KeyError, IndexError, ValueError, AttributeError) as exc:
-        raise SettingsError(
-            setting, f"{template!r} is not a template of {{model_slug}} and {{app_number}}"
-            f" ({type(exc).__name__}: {exc})"
-        ) from None
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise SettingsError(setting, f"{template!r} is not a template of {shown} ({exc})") from None
+    for _literal, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if name not in names:
+            raise SettingsError(setting, f"{template!r} names {{{name}}}; it may name {shown}")
+        if conversion or spec not in ("", "d"):
+            raise SettingsError(
+                setting, f"{template!r}: {{{name}}} takes no format spec or conversion"
+            )
+
+
+def _messages(raw: Any) -> Messages:
+    if not isinstance(raw, dict):
+        raise SettingsError("schema.messages", "must be a TOML table")
+    values: dict[str, str] = {}
+    known = {f.name for f in fields(Messages)}
+    for key, value in raw.items():
+        setting = f"schema.messages.{key}"
+        if key not in known:
+            raise SettingsError(setting, f"unknown message; known: {', '.join(sorted(known))}")
+        if not isinstance(value, str):
+            raise SettingsError(setting, "must be a string")
+        _check_template(setting, value, () if key == "orphan_task" else ("minutes",))
+        values[key] = value
+    return replace(Messages(), **values)
 
 
 def _policy(setting: str, raw: Any) -> str:
@@ -310,14 +374,12 @@ def _statuses(raw: Any) -> Statuses:
     return statuses
 
 
-def _dependents(raw: Any) -> tuple[Dependent, ...]:
+def _dependents(raw: Any, name: str) -> tuple[Dependent, ...]:
     if not isinstance(raw, list):
-        raise SettingsError(
-            "schema.dependents", "must be an array of tables ([[schema.dependents]])"
-        )
+        raise SettingsError(name, f"must be an array of tables ([[{name}]])")
     result = []
     for index, item in enumerate(raw):
-        setting = f"schema.dependents[{index}]"
+        setting = f"{name}[{index}]"
         if not isinstance(item, dict):
             raise SettingsError(setting, "must be a table")
         unknown = set(item) - {"table", "column", "references", "policy"}

@@ -42,6 +42,8 @@ class Settings:
     task_retention_days: float = 30.0
     journal_retention_days: float = 90.0
     app_grace_minutes: float = 10.0
+    missing_grace_minutes: float = 0.0
+    cancel_tasks_when_missing: bool = True
     cleanup_orphan_apps: bool = True
     cleanup_orphan_tasks: bool = True
     cleanup_stuck_tasks: bool = True
@@ -49,6 +51,7 @@ class Settings:
     max_delete_fraction: float = 0.5
     enabled: bool = True
     batch_size: int = 500
+    max_transaction_ms: float = 100.0
     observer: str = "auto"
     polling_interval_seconds: float = 1.0
     settle_ms: float = 5.0
@@ -308,6 +311,17 @@ SPECS: tuple[SettingSpec, ...] = (
         _duration(_non_negative, 60),
         help="the sweep ignores younger app rows",
     ),
+    SettingSpec(
+        "missing_grace_minutes",
+        _duration(_non_negative, 60),
+        help="mark an app whose directory is gone and delete its rows only after this"
+        " (0: delete at once)",
+    ),
+    SettingSpec(
+        "cancel_tasks_when_missing",
+        _boolean,
+        help="with a missing grace: cancel a marked app's active tasks at once",
+    ),
     SettingSpec("cleanup_orphan_apps", _boolean, help="run the orphan-apps pass"),
     SettingSpec("cleanup_orphan_tasks", _boolean, help="run the orphan-tasks pass"),
     SettingSpec("cleanup_stuck_tasks", _boolean, help="run the stuck-tasks pass"),
@@ -318,7 +332,14 @@ SPECS: tuple[SettingSpec, ...] = (
     SettingSpec(
         "enabled", _boolean, ("MAINTENANCE_ENABLED",), "run the periodic sweep in the daemon"
     ),
-    SettingSpec("batch_size", _int_at_most(MAX_BATCH_SIZE), help="rows changed per transaction"),
+    SettingSpec(
+        "batch_size", _int_at_most(MAX_BATCH_SIZE), help="rows changed by the first transaction"
+    ),
+    SettingSpec(
+        "max_transaction_ms",
+        _duration(_positive, 0.001),
+        help="time budget of one write transaction; batches grow or shrink to fit it",
+    ),
     SettingSpec("observer", _observer, help="auto, native (inotify...) or polling"),
     SettingSpec(
         "polling_interval_seconds", _duration(_positive, 1), help="polling observer's period"

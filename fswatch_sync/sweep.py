@@ -1,8 +1,10 @@
 """The full reconciliation pass: orphan apps, orphan tasks, stuck tasks, old tasks — in that order.
 
-Planning (which rows are orphans, what the guard says, which tasks are stuck) is pure and takes
-``now``; applying goes through the store, which re-checks every condition under lock. A dry run
-plans exactly as a real run would, including the removal's own checks, and changes nothing.
+The sweep compares the tree with the app keys (the only comparison made in Python: the disk is
+not in the database), asks the guard, then applies the rules of :mod:`fswatch_sync.rules` one
+after another; every predicate is evaluated by the database, under lock, in the store's batches.
+A dry run applies the very same rules in one transaction that it rolls back, so it reports
+exactly what a real run would do.
 """
 
 from __future__ import annotations
@@ -12,17 +14,14 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from functools import partial
 from typing import Any
 
-import sqlalchemy as sa
-
-from fswatch_sync import announce, db, signals
+from fswatch_sync import announce, db, rules, signals
 from fswatch_sync.errors import SweepRefused
 from fswatch_sync.layout import AppKey, Scan, app_exists, root_present, scan_tree
 from fswatch_sync.records import Lease, SweepLog
 from fswatch_sync.settings import Settings
-from fswatch_sync.store import ActiveTask, AppRow, RemovalOutcome, Store, TaskChange
+from fswatch_sync.store import AppRow, Store, TaskChange
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +35,21 @@ class SweepReport:
     dry_run: bool = False
     forced: bool = False
     orphan_apps: int = 0
+    orphan_app_rows: int = 0
+    marked_missing: int = 0
     orphan_tasks: int = 0
     stuck_tasks: int = 0
     old_tasks: int = 0
+    old_tasks_kept: int = 0
     journal_pruned: int = 0
+    dependents_deleted: int = 0
+    dependents_nullified: int = 0
     stuck_running: int = 0
     stuck_pending: int = 0
     blocked_apps: int = 0
     kept_present: int = 0
     app_rows: int = 0
+    app_keys: int = 0
     app_dirs: int = 0
     unreadable_dirs: int = 0
     refused: str | None = None
@@ -71,6 +76,13 @@ class SweepReport:
             "stuck_running": self.stuck_running,
             "stuck_pending": self.stuck_pending,
             "journal_pruned": self.journal_pruned,
+            # orphan_apps counts app keys (directories); a key may own several rows.
+            "orphan_app_rows": self.orphan_app_rows,
+            "marked_missing": self.marked_missing,
+            "old_tasks_kept": self.old_tasks_kept,
+            "dependents_deleted": self.dependents_deleted,
+            "dependents_nullified": self.dependents_nullified,
+            "app_keys": self.app_keys,
             "kept_present": self.kept_present,
             "app_rows": self.app_rows,
             "app_dirs": self.app_dirs,
@@ -83,23 +95,17 @@ class SweepReport:
 # -- pure planning ---------------------------------------------------------------------------
 
 
-def orphan_candidates(
-    present: set[AppKey],
-    rows: Iterable[AppRow],
-    now: datetime,
-    grace: timedelta,
-    unknown_slugs: Iterable[str] = (),
+def orphan_keys(
+    present: set[AppKey], rows: Iterable[AppRow], unknown_slugs: Iterable[str] = ()
 ) -> list[AppKey]:
-    """App rows without a directory, except rows younger than the grace (NULL counts as old)
-    and rows in a model directory that could not be listed (absence not proven)."""
-    young_after = now - grace
+    """App keys without a directory, except keys in the new-app grace (judged by the database:
+    ``AppRow.young``) and keys in a model directory that could not be listed (absence not
+    proven)."""
     unknown = frozenset(unknown_slugs)
     return sorted(
         row.key
         for row in rows
-        if row.key not in present
-        and row.key.model_slug not in unknown
-        and (row.created_at is None or row.created_at <= young_after)
+        if row.key not in present and row.key.model_slug not in unknown and not row.young
     )
 
 
@@ -125,52 +131,6 @@ def guard(
             f" allowed {max_fraction:.0%}; nothing was changed (use --force to proceed)"
         )
     return None
-
-
-@dataclass(frozen=True)
-class TaskPlan:
-    orphans: list[Any]
-    stuck_running: list[Any]
-    stuck_pending: list[Any]
-
-
-def _age_start(task: ActiveTask) -> datetime | None:
-    return task.started_at or task.created_at
-
-
-def classify_tasks(
-    tasks: Iterable[ActiveTask],
-    *,
-    removed: set[AppKey],
-    now: datetime,
-    running_timeout: timedelta,
-    pending_timeout: timedelta,
-    running: str,
-    pending: str,
-    orphan_pass: bool = True,
-) -> TaskPlan:
-    """Sort active tasks into orphans (no app row) and stuck ones; a task is in one list only.
-
-    A running task is aged by ``started_at`` (``created_at`` when that is NULL); a pending one by
-    ``created_at``; a task with no timestamp to age it by is never judged stuck. The tasks of
-    ``removed`` apps are orphans whatever the switches (the removal cancels them); with the
-    orphan-tasks pass switched off, a task without an app row is judged by the stuck rules.
-    """
-    orphans, stuck_running, stuck_pending = [], [], []
-    for task in tasks:
-        if task.key in removed or (orphan_pass and not task.has_app):
-            orphans.append(task.pk)
-        elif task.status == running:
-            start = _age_start(task)
-            if start is not None and start < now - running_timeout:
-                stuck_running.append(task.pk)
-        elif (
-            task.status == pending
-            and task.created_at is not None
-            and task.created_at < now - pending_timeout
-        ):
-            stuck_pending.append(task.pk)
-    return TaskPlan(orphans, stuck_running, stuck_pending)
 
 
 # -- running a sweep -------------------------------------------------------------------------
@@ -210,6 +170,8 @@ class Sweeper:
         # The lease first: taking it may wait for the previous holder's last transaction, and
         # the recorded started_at must not precede the moment this sweep held the lease.
         # A dry run changes nothing, not even the tool's own bookkeeping: no lease, no history.
+        # The mapping is checked before anything else: one that cannot work changes nothing.
+        self.store.validate()
         if not dry_run:
             self.lease.acquire_or_raise()
         # Every age is judged against ``now``; a naive value is read as UTC, like the database's.
@@ -245,10 +207,11 @@ class Sweeper:
             if not dry_run:
                 self.lease.release()
         log.info(
-            "sweep %s: orphan_apps=%d orphan_tasks=%d stuck_tasks=%d old_tasks=%d blocked=%d"
-            " in %.2fs",
+            "sweep %s: orphan_apps=%d (%d rows) orphan_tasks=%d stuck_tasks=%d old_tasks=%d"
+            " blocked=%d in %.2fs",
             "(dry run)" if dry_run else "done",
             report.orphan_apps,
+            report.orphan_app_rows,
             report.orphan_tasks,
             report.stuck_tasks,
             report.old_tasks,
@@ -258,7 +221,19 @@ class Sweeper:
         return report
 
     def _passes(self, report: SweepReport, now: datetime, *, dry_run: bool, force: bool) -> None:
-        settings, store = self.settings, self.store.with_commit_check(self.lease.check_and_extend)
+        if dry_run:
+            with self.store.rehearsal() as rehearsal:
+                self._apply(rehearsal, report, now, force=force, live=False)
+            return
+        store = self.store.with_commit_check(self.lease.check_and_extend)
+        self._apply(store, report, now, force=force, live=True)
+
+    def _apply(
+        self, store: Store, report: SweepReport, now: datetime, *, force: bool, live: bool
+    ) -> None:
+        """Scan, guard, then every rule in order. ``live``: a real run (renews the lease
+        between long steps and sends signals after each commit)."""
+        settings = self.settings
         root = settings.root
         root_ok = root_present(root, settings.root_marker)
         scan = scan_tree(root) if root_ok else Scan(set(), frozenset(), root_listed=False)
@@ -273,12 +248,11 @@ class Sweeper:
             )
         grace = timedelta(minutes=settings.app_grace_minutes)
         rows = store.app_rows(young_after=now - grace)
-        report.app_rows, report.app_dirs = len(rows), len(present)
+        report.app_keys, report.app_dirs = len(rows), len(present)
+        report.app_rows = sum(row.rows for row in rows)
         report.unreadable_dirs = len(scan.unreadable)
         candidates = (
-            orphan_candidates(present, rows, now, grace, scan.unreadable)
-            if settings.cleanup_orphan_apps
-            else []
+            orphan_keys(present, rows, scan.unreadable) if settings.cleanup_orphan_apps else []
         )
         refusal = guard(
             root_ok=root_ok,
@@ -296,192 +270,81 @@ class Sweeper:
             log.warning("sweep refused: %s", refusal)
             raise SweepRefused(refusal)
         # Scanning wrote nothing, so no commit renewed the lease meanwhile.
-        if not dry_run:
+        if live:
             self.lease.renew()
 
-        removal = RemovalOutcome()
-        if candidates:
-            removal = self._in_steps(
-                "orphan apps",
-                candidates,
-                partial(
-                    store.remove_apps,
-                    source="sweep",
-                    now=now,
-                    still_absent=lambda key: not app_exists(root, key),
-                    dry_run=dry_run,
-                ),
-            )
-            if not dry_run:
-                announce.removal(self.sender, removal, "sweep")
+        missing_grace = settings.missing_grace_minutes
+        if missing_grace > 0:
+            store.clear_marks_of(present)
+        self._report_progress("orphan apps", 0, len(candidates))
+        removal = store.remove_apps(
+            candidates,
+            source="sweep",
+            now=now,
+            still_absent=lambda key: not app_exists(root, key),
+            young_after=now - grace,
+            missing_grace=timedelta(minutes=missing_grace) if missing_grace > 0 else None,
+            cancel_when_missing=settings.cancel_tasks_when_missing,
+        )
+        if live:
+            announce.removal(self.sender, removal, "sweep")
         report.orphan_apps = len(removal.removed)
+        report.orphan_app_rows = removal.removed_rows
+        report.marked_missing = len(removal.marked)
         report.blocked_apps = len(removal.blocked)
         report.kept_present = len(removal.present)
+        report.dependents_deleted = removal.dependents_deleted
+        report.dependents_nullified = removal.dependents_nullified
         report.removed = removal.removed
         report.orphan_tasks = len(removal.cancelled)
 
-        statuses = store.config.statuses
-        running_cutoff = now - timedelta(minutes=settings.running_timeout_minutes)
-        pending_cutoff = now - timedelta(minutes=settings.pending_timeout_minutes)
-        # A real run reads only the tasks some rule may apply to (each batch re-checks its rule
-        # under lock anyway); a dry run also needs the tasks of the apps it would remove.
-        active = store.active_tasks(
-            None
-            if dry_run
-            else sa.or_(
-                _orphan_condition(store),
-                _stuck_running_condition(store, running_cutoff),
-                _stuck_pending_condition(store, pending_cutoff),
+        for rule in rules.task_rules(store.host, settings, now):
+            if live:
+                self.lease.renew()
+            self._report_progress(rule.name.replace("_", " "), 0, 0)
+            per_change = live and isinstance(rule.effect, rules.SetStatus) and (
+                rule.signal.has_receivers_for(self.sender)
             )
-        )
-        if not dry_run:
-            self.lease.renew()
-        plan = classify_tasks(
-            active,
-            removed=set(removal.removed) if dry_run else set(),
-            now=now,
-            running_timeout=now - running_cutoff,
-            pending_timeout=now - pending_cutoff,
-            running=statuses.running,
-            pending=statuses.pending,
-            orphan_pass=settings.cleanup_orphan_tasks,
-        )
-        if dry_run:
-            # Tasks the removal would cancel are already counted above.
-            cancelled = {change.pk for change in removal.cancelled}
-            plan = TaskPlan(
-                [pk for pk in plan.orphans if pk not in cancelled],
-                plan.stuck_running,
-                plan.stuck_pending,
-            )
-        if settings.cleanup_orphan_tasks:
-            report.orphan_tasks += self._change(
-                store, plan.orphans, "orphan tasks", dry_run,
-                still=_orphan_condition(store), new_status=statuses.cancelled,
-                message="cancelled: target app is gone (it has no row any more)",
-                reason="orphan", now=now,
-            )
-        if settings.cleanup_stuck_tasks:
-            report.stuck_running = self._change(
-                store, plan.stuck_running, "stuck running tasks", dry_run,
-                still=_stuck_running_condition(store, running_cutoff),
-                new_status=statuses.failed,
-                message=(
-                    f"failed: still running after {settings.running_timeout_minutes:g} minutes"
-                ),
-                reason="stuck_running", now=now, failed=True,
-            )
-            report.stuck_pending = self._change(
-                store, plan.stuck_pending, "stuck pending tasks", dry_run,
-                still=_stuck_pending_condition(store, pending_cutoff),
-                new_status=statuses.cancelled,
-                message=(
-                    f"cancelled: still pending after {settings.pending_timeout_minutes:g} minutes"
-                ),
-                reason="stuck_pending", now=now,
-            )
-            report.stuck_tasks = report.stuck_running + report.stuck_pending
-        if settings.cleanup_old_tasks:
-            cutoff = now - timedelta(days=settings.task_retention_days)
-            if dry_run:
-                report.old_tasks = store.count_old_tasks(cutoff)
-            else:
-                self._report_progress("old tasks", 0, 0)
-                report.old_tasks = store.purge_old_tasks(cutoff, source="sweep", now=now)
-                if report.old_tasks:
-                    signals.send(
-                        signals.tasks_purged, self.sender, count=report.old_tasks, cutoff=cutoff
-                    )
+            outcome = store.apply_task_rule(rule, source="sweep", now=now, collect=per_change)
+            self._record(report, rule, outcome.count, outcome.kept)
+            if live:
+                self._announce(rule, outcome.changes, outcome.count, now)
+        report.stuck_tasks = report.stuck_running + report.stuck_pending
         if settings.journal_retention_days > 0:
             # Housekeeping after the four passes: the journal would otherwise grow by a row per
             # change for as long as the tool runs.
             cutoff = now - timedelta(days=settings.journal_retention_days)
-            if dry_run:
-                report.journal_pruned = store.count_journal_before(cutoff)
-            else:
-                self._report_progress("journal", 0, 0)
-                report.journal_pruned = store.purge_journal(cutoff)
+            self._report_progress("journal", 0, 0)
+            report.journal_pruned = store.purge_journal(cutoff)
 
-    def _change(
-        self,
-        store: Store,
-        pks: Sequence[Any],
-        label: str,
-        dry_run: bool,
-        *,
-        still: sa.ColumnElement[bool],
-        new_status: str,
-        message: str,
-        reason: str,
-        now: datetime,
-        failed: bool = False,
-    ) -> int:
-        if dry_run or not pks:
-            return len(pks)
-        changes: list[TaskChange] = self._in_steps(
-            label,
-            pks,
-            partial(
-                store.change_tasks,
-                still=still,
-                new_status=new_status,
-                message=message,
-                action="task_failed" if failed else "task_cancelled",
-                source="sweep",
-                now=now,
-            ),
+    @staticmethod
+    def _record(report: SweepReport, rule: rules.TaskRule, count: int, kept: int) -> None:
+        if rule.name == "orphan_tasks":
+            report.orphan_tasks += count
+        elif rule.name == "stuck_running":
+            report.stuck_running = count
+        elif rule.name == "stuck_pending":
+            report.stuck_pending = count
+        elif rule.name == "old_tasks":
+            report.old_tasks = count
+            report.old_tasks_kept = kept
+
+    def _announce(
+        self, rule: rules.TaskRule, changes: list[TaskChange], count: int, now: datetime
+    ) -> None:
+        if isinstance(rule.effect, rules.Delete):
+            if count:
+                cutoff = now - timedelta(days=self.settings.task_retention_days)
+                signals.send(rule.signal, self.sender, count=count, cutoff=cutoff)
+            return
+        announce.task_changes(
+            self.sender,
+            changes,
+            reason=rule.reason,
+            source="sweep",
+            failed=rule.signal is signals.task_failed,
         )
-        announce.task_changes(self.sender, changes, reason=reason, source="sweep", failed=failed)
-        return len(changes)
-
-    def _in_steps(
-        self, label: str, items: Sequence[Any], apply: Callable[[Sequence[Any]], Any]
-    ) -> Any:
-        """Apply in steps of a few batches so that progress can be shown between them."""
-        if self.progress is None:
-            return apply(items)
-        step = self.store.batch_size * 4
-        combined: Any = None
-        for start in range(0, len(items), step):
-            self._report_progress(label, start, len(items))
-            part = apply(items[start : start + step])
-            if combined is None:
-                combined = part
-            elif isinstance(part, RemovalOutcome):
-                combined.extend(part)
-            else:
-                combined += part
-        self._report_progress(label, len(items), len(items))
-        return combined if combined is not None else apply([])
 
     def _report_progress(self, label: str, done: int, total: int) -> None:
         if self.progress is not None:
             self.progress(label, done, total)
-
-
-def _orphan_condition(store: Store) -> sa.ColumnElement[bool]:
-    host = store.host
-    return sa.and_(
-        host.task_col("status").in_(store.config.statuses.active),
-        ~sa.exists().where(
-            host.app_col("model_slug") == host.task_col("target_model"),
-            host.app_col("app_number") == host.task_col("target_app_number"),
-        ),
-    )
-
-
-def _stuck_running_condition(store: Store, cutoff: datetime) -> sa.ColumnElement[bool]:
-    host = store.host
-    started = sa.func.coalesce(host.task_col("started_at"), host.task_col("created_at"))
-    return sa.and_(
-        host.task_col("status") == store.config.statuses.running,
-        started < db.to_db_time(cutoff),
-    )
-
-
-def _stuck_pending_condition(store: Store, cutoff: datetime) -> sa.ColumnElement[bool]:
-    host = store.host
-    return sa.and_(
-        host.task_col("status") == store.config.statuses.pending,
-        host.task_col("created_at") < db.to_db_time(cutoff),
-    )

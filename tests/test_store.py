@@ -16,7 +16,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
-from fswatch_sync import db
+from fswatch_sync import db, rules
 from fswatch_sync.layout import AppKey
 from fswatch_sync.schema import journal_table
 from fswatch_sync.store import Store
@@ -87,7 +87,8 @@ def journal_batches(engine: Engine, action: str) -> dict[str, int]:
 def test_batches_are_bounded_and_complete(store: Store, now: datetime) -> None:
     keys = [AppKey("model", n) for n in range(50)]
     seed(store, keys, now)
-    small = Store(store.engine, batch_size=7)
+    # A budget no batch can meet keeps every batch at its first size.
+    small = Store(store.engine, batch_size=7, max_transaction_ms=0.001)
 
     outcome = small.remove_apps(keys, source="test", now=now)
 
@@ -105,10 +106,11 @@ def test_batches_are_bounded_and_complete(store: Store, now: datetime) -> None:
     assert set(cancelled_batches) == set(removed_batches)
     assert all(cancelled_batches[b] == 2 * removed_batches[b] for b in removed_batches)
 
-    # The purge is batched the same way.
-    cutoff = now + timedelta(days=1)
-    assert small.count_old_tasks(cutoff) == 150
-    assert small.purge_old_tasks(cutoff, source="test", now=now) == 150
+    # The purge is batched the same way; a rehearsal (dry run) counts what it will do.
+    old = rules.old_tasks_rule(small.host, now + timedelta(days=1))
+    with small.rehearsal() as rehearsal:
+        assert rehearsal.apply_task_rule(old, source="test", now=now).count == 150
+    assert small.apply_task_rule(old, source="test", now=now).count == 150
     purge_batches = journal_batches(store.engine, "task_purged")
     assert len(purge_batches) == 22 and max(purge_batches.values()) <= 7  # ceil(150 / 7)
     assert task_statuses(store) == {}
@@ -119,31 +121,22 @@ def test_change_tasks_is_a_compare_and_set(store: Store, now: datetime) -> None:
     keys = [AppKey("model", n) for n in range(10)]
     seed(store, keys, now, finished=False)
     host = store.host
-    running = [t.pk for t in store.active_tasks() if t.status == "running"]
-    assert len(running) == 10
-    # The runner completes one of them between the sweep's read and its write.
+    # The runner completes one of them just before the rule is applied.
     with store.engine.begin() as connection:
         connection.execute(
             sa.update(host.tasks)
             .where(host.task_col("task_id") == "model-3-running")
             .values(status="completed", completed_at=db.to_db_time(now))
         )
-    small = Store(store.engine, batch_size=3)
-    changes = small.change_tasks(
-        running,
-        # (built from the same store's reflected tables, as the sweep does)
-        still=small.host.task_col("status") == "running",
-        new_status="failed",
-        message="stuck",
-        action="task_failed",
-        source="test",
-        now=now,
-    )
-    assert len(changes) == 9
+    small = Store(store.engine, batch_size=3, max_transaction_ms=0.001)
+    rule = rules.stuck_running_rule(small.host, now + timedelta(days=1), 60)
+    outcome = small.apply_task_rule(rule, source="test", now=now, collect=True)
+    assert outcome.count == 9
+    assert {c.old_status for c in outcome.changes} == {"running"}
     statuses = task_statuses(store)
     assert statuses["model-3-running"] == "completed"
     assert sum(s == "failed" for s in statuses.values()) == 9
-    assert len(journal_batches(store.engine, "task_failed")) == 4  # ceil(10 / 3)
+    assert len(journal_batches(store.engine, "task_failed")) == 3  # ceil(9 / 3)
 
 
 def test_dry_run_reports_and_changes_nothing(store: Store, now: datetime) -> None:
@@ -213,7 +206,9 @@ def test_app_row_and_tasks_change_in_one_transaction(
     poller.start()
     event.listen(store.engine, "after_execute", after_statement)
     try:
-        outcome = Store(store.engine, batch_size=10).remove_apps(keys, source="test", now=now)
+        outcome = Store(store.engine, batch_size=10, max_transaction_ms=0.001).remove_apps(
+            keys, source="test", now=now
+        )
         event.remove(store.engine, "after_execute", after_statement)
         assert look() == (0, 0, 0)
     finally:

@@ -1,0 +1,238 @@
+"""The app rule applied to keys: the one way an app's rows go, with their tasks and dependents.
+
+All rows of a key go together (versions share one directory), with the key's active tasks and
+whatever points at the rows, in one transaction per batch of keys. The keys come from the
+reactor (removals the operating system reported) or the sweep (rows without a directory, past
+the new-app grace, which the rule's predicate judges in SQL under lock).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from fswatch_sync import db
+from fswatch_sync.images import JournalWriter
+from fswatch_sync.layout import AppKey
+from fswatch_sync.marks import Marks
+from fswatch_sync.rules import app_keys, key_message, task_keys, young_key
+from fswatch_sync.store import BatchSizer, RemovalOutcome, Store, TaskChange
+
+log = logging.getLogger(__name__)
+
+StillAbsent = Callable[[AppKey], bool]
+
+
+def remove_apps(
+    store: Store,
+    keys: Iterable[AppKey],
+    *,
+    source: str,
+    now: datetime,
+    still_absent: StillAbsent | None = None,
+    dry_run: bool = False,
+    young_after: datetime | None = None,
+    missing_grace: timedelta | None = None,
+    cancel_when_missing: bool = True,
+) -> RemovalOutcome:
+    """Remove every row of each key, and cancel the key's active tasks, a batch per transaction.
+
+    ``still_absent`` is asked about each key after its rows are locked and before anything
+    changes: a key whose directory is back keeps its rows (reported in ``present``).
+    ``young_after``: keys with a row created after it are left alone (the sweep's grace).
+    ``missing_grace``: keys are first marked missing, and removed once marked that long.
+    ``dry_run``: the same statements, rolled back.
+    """
+    options: dict[str, Any] = {
+        "source": source,
+        "now": now,
+        "still_absent": still_absent,
+        "young_after": young_after,
+        "missing_grace": missing_grace,
+        "cancel_when_missing": cancel_when_missing,
+    }
+    if dry_run:
+        with store.rehearsal() as rehearsal:
+            return _remove(rehearsal, sorted(set(keys)), options)
+    return _remove(store, sorted(set(keys)), options)
+
+
+def _remove(store: Store, ordered: list[AppKey], options: dict[str, Any]) -> RemovalOutcome:
+    outcome = RemovalOutcome()
+    batch = store._retry(_remove_batch)
+    sizer = BatchSizer(store.batch_size, store.max_transaction_ms / 1000)
+    start = 0
+    while start < len(ordered):
+        part = ordered[start : start + sizer.size]
+        clock = time.monotonic()
+        done = batch(store, part, **options)
+        sizer.record(max(done.removed_rows + len(done.cancelled), len(part)), time.monotonic() - clock)
+        outcome.extend(done)
+        start += len(part)
+    return outcome
+
+
+def _remove_batch(
+    store: Store,
+    keys: list[AppKey],
+    *,
+    source: str,
+    now: datetime,
+    still_absent: StillAbsent | None,
+    young_after: datetime | None,
+    missing_grace: timedelta | None,
+    cancel_when_missing: bool,
+) -> RemovalOutcome:
+    host, outcome = store.host, RemovalOutcome()
+    id_col = host.app_col("id")
+    slug_col, number_col = host.app_col("model_slug"), host.app_col("app_number")
+    with store._write() as connection:
+        where = app_keys(host, keys)
+        if young_after is not None:
+            where = sa.and_(where, ~young_key(host, young_after))
+        rows = connection.execute(
+            store.locked(sa.select(id_col, slug_col, number_col).where(where), connection)
+        ).all()
+        ids_by_key: dict[AppKey, list[Any]] = {}
+        for pk, slug, number in rows:
+            ids_by_key.setdefault(AppKey(slug, int(number)), []).append(pk)
+        for key in sorted(ids_by_key):
+            if still_absent is not None and not still_absent(key):
+                outcome.present.append(key)
+                del ids_by_key[key]
+        journal = JournalWriter(connection, source=source, now=now)
+        marks = Marks(host) if missing_grace is not None else None
+        if marks is not None:
+            marks.clear(connection, outcome.present)
+        if marks is not None and missing_grace is not None and ids_by_key:
+            found = marks.read(connection, ids_by_key)
+            fresh = sorted(key for key in ids_by_key if key not in found)
+            if fresh:
+                marks.mark(connection, fresh, now)
+                outcome.marked = fresh
+                journal.record(
+                    "app_marked_missing",
+                    host.apps,
+                    app_keys(host, fresh),
+                    key=(slug_col, number_col),
+                )
+                if cancel_when_missing:
+                    outcome.cancelled += _cancel_tasks(store, connection, fresh, journal, now)
+            due = now - missing_grace
+            ids_by_key = {k: v for k, v in ids_by_key.items() if k in found and found[k] <= due}
+        for dependent in host.dependents:
+            if dependent.policy != "restrict" or not ids_by_key:
+                continue
+            blocked = _pointed_at_keys(connection, dependent, ids_by_key)
+            if blocked:
+                log.warning(
+                    "%d app(s) kept: rows in %s point at them and its policy is restrict (%s)",
+                    len(blocked),
+                    dependent.name,
+                    ", ".join(str(k) for k in blocked[:5]),
+                )
+            for key in blocked:
+                del ids_by_key[key]
+                outcome.blocked.append(key)
+        if not ids_by_key:
+            return outcome
+        removing = sorted(ids_by_key)
+        chosen = id_col.in_([pk for key in removing for pk in ids_by_key[key]])
+        for dependent in host.dependents:
+            if dependent.policy == "restrict":
+                continue
+            count = store._follow_policy(
+                connection, dependent, host.apps, chosen, journal, (slug_col, number_col)
+            )
+            if dependent.policy == "delete":
+                outcome.dependents_deleted += count
+            else:
+                outcome.dependents_nullified += count
+        outcome.cancelled += _cancel_tasks(store, connection, removing, journal, now)
+        journalled = journal.record("app_removed", host.apps, chosen, key=(slug_col, number_col))
+        deleted = connection.execute(sa.delete(host.apps).where(chosen)).rowcount
+        if deleted != journalled:
+            raise db.StaleRead(f"{journalled - deleted} app row(s) changed under the tool's lock")
+        if marks is not None:
+            marks.clear(connection, removing)
+        outcome.removed = removing
+        outcome.removed_rows = int(deleted)
+    return outcome
+
+
+def _cancel_tasks(
+    store: Store,
+    connection: Connection,
+    keys: list[AppKey],
+    journal: JournalWriter,
+    now: datetime,
+) -> list[TaskChange]:
+    """Cancel the keys' active tasks: locked, journalled, compare-and-set on the status."""
+    host = store.host
+    cancelled = host.config.statuses.cancelled
+    columns = [
+        host.task_col(role)
+        for role in ("id", "task_id", "target_model", "target_app_number", "status")
+    ]
+    rows = connection.execute(
+        store.locked(
+            sa.select(*columns).where(
+                task_keys(host, keys), host.task_col("status").in_(host.config.statuses.active)
+            ),
+            connection,
+        )
+    ).all()
+    if not rows:
+        return []
+    changes = [
+        TaskChange(pk, str(task_id), AppKey(model, int(number)), status, cancelled)
+        for pk, task_id, model, number, status in rows
+    ]
+    chosen = columns[0].in_([change.pk for change in changes])
+    journal.record(
+        "task_cancelled",
+        host.tasks,
+        chosen,
+        key=(host.task_col("target_model"), host.task_col("target_app_number")),
+        status=host.task_col("status"),
+        new_status=cancelled,
+    )
+    from fswatch_sync.rules import SetStatus
+
+    effect = SetStatus(cancelled, key_message(host.config.cancel_message, host))
+    result = store._set_status(connection, chosen, effect, now)
+    if result.rowcount != len(changes):
+        raise db.StaleRead(
+            f"{len(changes) - result.rowcount} task(s) changed status under the tool's lock"
+        )
+    return changes
+
+
+def _pointed_at_keys(
+    connection: Connection, dependent: Any, ids_by_key: dict[AppKey, list[Any]]
+) -> list[AppKey]:
+    """The keys some of whose rows ``dependent``'s rows point at."""
+    host_apps = dependent.references[0].table
+    on = sa.and_(
+        *(
+            column == reference
+            for column, reference in zip(dependent.columns, dependent.references, strict=True)
+        )
+    )
+    id_col = next(iter(host_apps.primary_key.columns))
+    all_ids = [pk for ids in ids_by_key.values() for pk in ids]
+    found = {
+        pk
+        for (pk,) in connection.execute(
+            sa.select(id_col).select_from(host_apps.join(dependent.table, on))
+            .where(id_col.in_(all_ids))
+            .distinct()
+        )
+    }
+    return sorted(key for key, ids in ids_by_key.items() if found.intersection(ids))
