@@ -7,12 +7,9 @@ runner has moved on since the tool changed it).
 
 from __future__ import annotations
 
-import json
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, time, timedelta
-from decimal import Decimal
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -20,7 +17,7 @@ from sqlalchemy import Table
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
-from fswatch_sync import db
+from fswatch_sync import db, images
 from fswatch_sync.errors import RestoreConflict
 from fswatch_sync.schema import journal_table
 from fswatch_sync.store import Store
@@ -32,9 +29,17 @@ RESTORABLE = (
     "task_purged",
     "dependent_deleted",
     "dependent_nullified",
+    "task_dependent_deleted",
+    "task_dependent_nullified",
 )
 # Rows go back parents first, so foreign keys from dependents and sub-tasks hold.
-_INSERT_ORDER = {"app_removed": 0, "dependent_deleted": 1, "task_purged": 2}
+_INSERT_ORDER = {
+    "app_removed": 0,
+    "dependent_deleted": 1,
+    "task_purged": 2,
+    "task_dependent_deleted": 3,
+}
+_INSERTED = ("app_removed", "task_purged", "dependent_deleted", "task_dependent_deleted")
 
 
 @dataclass(frozen=True)
@@ -87,43 +92,6 @@ def list_entries(engine: Engine, selection: Selection, limit: int = 100) -> list
     return entries
 
 
-def _python_type(column_type: sa.types.TypeEngine[Any]) -> type | None:
-    try:
-        return column_type.python_type
-    except NotImplementedError:
-        return None
-
-
-def _decode(table: Table, image: dict[str, Any]) -> dict[str, Any]:
-    """A before-image (JSON) back into the values its columns take, by each column's Python type
-    (so dialect types reflected from a host's database decode too: TIMESTAMP, INTERVAL, UUID...).
-    """
-    values: dict[str, Any] = {}
-    for name, value in image.items():
-        if name not in table.c:
-            continue
-        kind = _python_type(table.c[name].type)
-        if value is None or kind is None:
-            values[name] = value
-        elif kind is datetime and isinstance(value, str):
-            values[name] = datetime.fromisoformat(value)
-        elif kind is date and isinstance(value, str):
-            values[name] = date.fromisoformat(value)
-        elif kind is time and isinstance(value, str):
-            values[name] = time.fromisoformat(value)
-        elif kind is timedelta and isinstance(value, int | float):
-            values[name] = timedelta(seconds=value)
-        elif kind is Decimal and isinstance(value, str | int | float):
-            values[name] = Decimal(str(value))
-        elif kind is uuid.UUID and isinstance(value, str):
-            values[name] = uuid.UUID(value)
-        elif kind is bytes and isinstance(value, str):
-            values[name] = bytes.fromhex(value)
-        else:
-            values[name] = value
-    return values
-
-
 def _pk_clause(table: Table, values: dict[str, Any]) -> sa.ColumnElement[bool]:
     return sa.and_(*(column == values[column.name] for column in table.primary_key.columns))
 
@@ -140,7 +108,7 @@ def restore(store: Store, selection: Selection, *, dry_run: bool = False) -> Res
         raise RestoreConflict("choose entries with --id, --batch or a time range (--since/--until)")
     host = store.host
     tables = {host.apps.name: host.apps, host.tasks.name: host.tasks}
-    tables.update({d.table.name: d.table for d in host.dependents})
+    tables.update({d.table.name: d.table for d in (*host.dependents, *host.task_dependents)})
     selection = Selection(**{**selection.__dict__, "include_restored": False})
 
     def run() -> RestoreResult:
@@ -152,15 +120,18 @@ def restore(store: Store, selection: Selection, *, dry_run: bool = False) -> Res
             ).all()
             if not entries:
                 raise RestoreConflict("no restorable journal entries match")
-            ordered = sorted(entries, key=lambda e: (_INSERT_ORDER.get(e.action, 3), -e.id))
+            ordered = sorted(entries, key=lambda e: (_INSERT_ORDER.get(e.action, 4), -e.id))
             counts: dict[str, int] = {}
+            # App keys whose rows this restore is putting back: a key's later rows (versions)
+            # are not "a new row" of the same key.
+            restoring: set[tuple[Any, Any]] = set()
             for entry in ordered:
                 table = tables.get(entry.table_name)
                 if table is None:
                     raise RestoreConflict(
                         f"journal entry {entry.id}: table {entry.table_name!r} is not mapped"
                     )
-                _undo(connection, store, table, entry)
+                _undo(connection, store, table, entry, restoring)
                 counts[entry.action] = counts.get(entry.action, 0) + 1
             if dry_run:
                 trans.rollback()
@@ -175,22 +146,29 @@ def restore(store: Store, selection: Selection, *, dry_run: bool = False) -> Res
     return db.retrying(store.retry_seconds)(run)()
 
 
-def _undo(connection: Connection, store: Store, table: Table, entry: Any) -> None:
-    image = _decode(table, json.loads(entry.before_image))
+def _undo(
+    connection: Connection,
+    store: Store,
+    table: Table,
+    entry: Any,
+    restoring: set[tuple[Any, Any]],
+) -> None:
+    image = images.decode(table, entry.before_image)
     where_pk = _pk_clause(table, image)
     # Locked as the store's own reads are: what is checked below cannot change before the write.
     current = connection.execute(
         store.locked(sa.select(table).where(where_pk), connection)
     ).first()
     host = store.host
-    if entry.action in ("app_removed", "task_purged", "dependent_deleted"):
+    if entry.action in _INSERTED:
         if current is not None:
             raise RestoreConflict(
                 f"journal entry {entry.id}: a row with the same key is in {table.name} now"
             )
         if entry.action == "app_removed":
             slug, number = host.app_col("model_slug"), host.app_col("app_number")
-            clash = connection.execute(
+            key = (image[slug.name], image[number.name])
+            clash = None if key in restoring else connection.execute(
                 sa.select(slug).where(slug == image[slug.name], number == image[number.name])
             ).first()
             if clash is not None:
@@ -198,17 +176,18 @@ def _undo(connection: Connection, store: Store, table: Table, entry: Any) -> Non
                     f"journal entry {entry.id}: app {image[slug.name]}/app{image[number.name]}"
                     " has a new row now (regenerated?)"
                 )
+            restoring.add(key)
         if entry.action == "dependent_deleted":
             _require_apps(connection, store, table, image, entry)
         _execute(connection, sa.insert(table).values(image), entry, table)
         return
     if current is None:
         raise RestoreConflict(f"journal entry {entry.id}: the row is no longer in {table.name}")
-    if entry.action == "dependent_nullified":
+    if entry.action in ("dependent_nullified", "task_dependent_nullified"):
         # Only the pointer the tool set to NULL goes back; the host may have changed the rest.
         pointers = {
             column.name
-            for d in host.dependents
+            for d in (*host.dependents, *host.task_dependents)
             if d.table.name == table.name and d.policy == "nullify"
             for column in d.columns
             if image.get(column.name) is not None

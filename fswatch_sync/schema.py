@@ -7,8 +7,8 @@ before-images and restores.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 import string
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 

@@ -41,7 +41,7 @@ from hostlike import (
 )
 from sqlalchemy.engine import Engine
 
-from fswatch_sync import cli
+from fswatch_sync import cli, rules
 from fswatch_sync.errors import SettingsError
 from fswatch_sync.hostschema import reflect_host_tables
 from fswatch_sync.layout import AppKey
@@ -188,16 +188,16 @@ def test_old_task_count_equals_purge_with_sub_tasks_and_small_batches(
     create_host_schema(engine)
     settings = _settings(tmp_path, apps_root, database_url)
     build_scenario(engine, apps_root, now)
-    store = Store(engine, settings.schema, batch_size=2)
+    store = Store(engine, settings.schema, batch_size=2, max_transaction_ms=0.001)
     store.ensure_tool_tables()
-    cutoff = now - timedelta(days=30)
-    counted = store.count_old_tasks(cutoff)
+    rule = rules.old_tasks_rule(store.host, now - timedelta(days=30))
+    with store.rehearsal() as rehearsal:
+        counted = rehearsal.apply_task_rule(rule, source="test", now=now).count
     before = set(job_states(engine))
-    purged = store.purge_old_tasks(cutoff, source="test", now=now)
+    purged = store.apply_task_rule(rule, source="test", now=now).count
     assert counted == purged == len(PURGED)
     assert before - set(job_states(engine)) == PURGED
-    assert store.count_old_tasks(cutoff) == 0
-    assert store.purge_old_tasks(cutoff, source="test", now=now) == 0
+    assert store.apply_task_rule(rule, source="test", now=now).count == 0
     # Batches of at most two rows, parents in a later batch than their children.
     entries = _journal(engine, action="task_purged")
     per_batch: dict[str, int] = {}
