@@ -107,10 +107,10 @@ def reflect_host_tables(engine: Engine, config: SchemaConfig) -> HostTables:
     # (table, columns) -> (referred columns, policy); configured entries first, then every
     # foreign key found in the database that points at the apps table.
     found: dict[tuple[str, tuple[str, ...]], tuple[tuple[str, ...], str]] = {
-        (d.table, (d.column,)): ((d.references,), d.policy) for d in config.dependents
+        (d.table, d.columns): (d.referenced, d.policy) for d in config.dependents
     }
     task_found: dict[tuple[str, tuple[str, ...]], tuple[tuple[str, ...], str]] = {
-        (d.table, (d.column,)): ((d.references,), d.policy) for d in config.task_dependents
+        (d.table, d.columns): (d.referenced, d.policy) for d in config.task_dependents
     }
     parent_target = config.tasks.parent_references
     for table_name in inspector.get_table_names():

@@ -246,6 +246,7 @@ def _undo(
             store.config.tasks.status,
             store.config.tasks.completed_at,
             store.config.tasks.error_message,
+            store.config.tasks.updated_at,
         )
         if name
     ]

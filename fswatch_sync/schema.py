@@ -193,12 +193,23 @@ class Dependent:
     ``restrict``: an app with dependent rows is left untouched (row and tasks) and reported as
     blocked. ``delete``: the dependent rows are deleted first, journalled with before-images.
     ``nullify``: the pointing column is set to NULL, journalled.
+
+    A link of several columns with no foreign key (``column = "model_slug,app_number"``,
+    ``references = "model_slug,app_number"``) is named as comma-separated lists.
     """
 
     table: str
     column: str
     references: str = "id"
     policy: str = "restrict"
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return tuple(part.strip() for part in self.column.split(","))
+
+    @property
+    def referenced(self) -> tuple[str, ...]:
+        return tuple(part.strip() for part in self.references.split(","))
 
 
 @dataclass(frozen=True)

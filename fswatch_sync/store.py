@@ -412,22 +412,24 @@ class Store:
         table = dependent.table
         pointing = self._pointing(dependent, target, target_where)
         if key is not None:
-            from_ = table.join(
-                target,
-                sa.and_(
-                    *(
-                        column == reference
-                        for column, reference in zip(
-                            dependent.columns, dependent.references, strict=True
-                        )
-                    )
-                ),
+            # The app a row points at, read by the database: a link by (slug, number) may match
+            # several rows of one key (versions), so a join would journal a row once per version.
+            match = sa.and_(
+                *(
+                    column == reference
+                    for column, reference in zip(dependent.columns, dependent.references, strict=True)
+                )
+            )
+            owner = tuple(
+                sa.select(part).where(match).limit(1).scalar_subquery() for part in key
             )
             action = "dependent_deleted" if dependent.policy == "delete" else "dependent_nullified"
-            count = journal.record(action, table, target_where, from_=from_, key=key)
+            count = journal.record(action, table, pointing, key=(owner[0], owner[1]))
         else:
-            action = "task_dependent_deleted" if dependent.policy == "delete" else (
-                "task_dependent_nullified"
+            action = (
+                "task_dependent_deleted"
+                if dependent.policy == "delete"
+                else "task_dependent_nullified"
             )
             count = journal.record(action, table, pointing)
         if count == 0:
