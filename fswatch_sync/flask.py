@@ -133,6 +133,11 @@ class FswatchSync:
                 return
             try:
                 self._start_locked(service)
+            except SettingsError as exc:
+                # A mapping or setting that cannot work will not work on the next request
+                # either: said once, and the app goes on without the service.
+                self._settled.add(service)
+                log.error("fswatch_sync is not started: %s", exc)
             except Exception:
                 self._retry_at[service] = time.monotonic() + AUTOSTART_RETRY_SECONDS
                 log.exception(

@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,8 @@ class Reactor:
         settle_seconds: float = 0.005,
         max_pending: int = 100_000,
         root_marker: str = "",
+        missing_grace: timedelta | None = None,
+        cancel_when_missing: bool = True,
     ) -> None:
         self.store = store
         self.root = root
@@ -51,6 +54,8 @@ class Reactor:
         self.settle_seconds = settle_seconds
         self.max_pending = max_pending
         self.root_marker = root_marker
+        self.missing_grace = missing_grace
+        self.cancel_when_missing = cancel_when_missing
         self._condition = threading.Condition()
         self._keys: set[AppKey] = set()
         self._slugs: set[str] = set()
@@ -173,6 +178,8 @@ class Reactor:
                 source="reactor",
                 now=db.utcnow(),
                 still_absent=lambda key: not app_exists(self.root, key),
+                missing_grace=self.missing_grace,
+                cancel_when_missing=self.cancel_when_missing,
             )
             keys.difference_update(part)
             self._report(outcome)

@@ -285,6 +285,18 @@ def old_tasks_rule(host: HostTables, cutoff: datetime) -> TaskRule:
     )
 
 
+def cancel_tasks_rule(host: HostTables, pks: Iterable[Any], message: str) -> TaskRule:
+    """An operator's cancel of chosen tasks (those still active when it is applied)."""
+    return TaskRule(
+        name="cancelled_by_operator",
+        where=sa.and_(host.task_col("id").in_(list(pks)), active(host)),
+        effect=SetStatus(host.config.statuses.cancelled, _text(message)),
+        action="task_cancelled",
+        reason="operator",
+        signal=signals.task_cancelled,
+    )
+
+
 def task_rules(host: HostTables, settings: Settings, now: datetime) -> list[TaskRule]:
     """The enabled task passes after the orphan-apps pass, in the seed's order: orphan tasks,
     stuck running, stuck pending, old tasks. Each later rule sees what the earlier ones did."""

@@ -90,6 +90,12 @@ class Service:
             settle_seconds=settings.settle_ms / 1000,
             max_pending=settings.max_pending_events,
             root_marker=settings.root_marker,
+            missing_grace=(
+                timedelta(minutes=settings.missing_grace_minutes)
+                if settings.missing_grace_minutes > 0
+                else None
+            ),
+            cancel_when_missing=settings.cancel_tasks_when_missing,
         )
         self.watcher = self._new_watcher()
 
@@ -116,6 +122,9 @@ class Service:
             self.store.init_db()
         else:
             self.store.ensure_tool_tables()
+        # A mapping that cannot work stops the start (SettingsError: exit 2 for `run`), before
+        # any thread exists and before any change; retrying it would never succeed.
+        self.store.validate()
         self.started_at = db.utcnow()
         self._stop.clear()
         try:

@@ -4,7 +4,7 @@ catches a lost update and a wrong removal when they happen."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,9 @@ from faults import harness
 from faults.races import run_property
 
 from fswatch_sync import db
-from fswatch_sync import store as store_module
+from fswatch_sync.schema import journal_table
+from fswatch_sync.layout import AppKey
+from fswatch_sync.rules import SetStatus, TaskRule
 from fswatch_sync.store import Store, TaskChange
 
 
@@ -28,38 +30,50 @@ def test_race_runner_vs_tool_quick_rounds(backend: str, tmp_path: Path) -> None:
 # -- the checker must catch what it is there to catch ---------------------------------------------
 
 
-def _blind_change_batch(
+def _blind_task_batch(
     self: Store,
-    pks: Sequence[Any],
-    still: Any,
-    new_status: str,
-    message: str,
-    action: str,
+    rule: TaskRule,
+    after: Any,
+    size: int,
     source: str,
     now: datetime,
-) -> list[TaskChange]:
-    """The seed system's way: read the tasks, then write the new status by id alone."""
+    collect: bool,
+) -> tuple[Any, int, list[TaskChange]]:
+    """The seed system's way: read the tasks, then write the new status by id alone, in another
+    transaction and with no compare-and-set."""
     host = self.host
-    id_col = host.task_col("id")
+    pk = host.task_col("id")
+    window = rule.where if after is None else sa.and_(rule.where, pk > after)
+    columns = [host.task_col(r) for r in ("id", "task_id", "target_model", "target_app_number",
+                                          "status")]
     with self.reader.connect() as connection:
-        rows = connection.execute(sa.select(host.tasks).where(id_col.in_(pks), still)).all()
-    journal = store_module._Journal(source, now)
-    changes = []
-    for row in rows:
-        key = store_module._task_key(host, row)
-        old = row._mapping["status"]
-        changes.append(TaskChange(row._mapping["id"], row._mapping["task_id"], key, old,
-                                  new_status))
-        journal.add(action, host.tasks, row, key, old_status=old, new_status=new_status)
-    if rows:
-        with self.engine.begin() as connection:
-            connection.execute(
-                sa.update(host.tasks)
-                .where(id_col.in_([row._mapping["id"] for row in rows]))
-                .values(status=new_status, completed_at=db.to_db_time(now))
-            )
-            journal.write(connection)
-    return changes
+        rows = connection.execute(sa.select(*columns).where(window).order_by(pk).limit(size)).all()
+    if not rows:
+        return None, 0, []
+    assert isinstance(rule.effect, SetStatus)
+    new_status = rule.effect.status
+    changes = [TaskChange(p, t, AppKey(m, int(n)), s, new_status) for p, t, m, n, s in rows]
+    chosen = pk.in_([c.pk for c in changes])
+    with self.engine.begin() as connection:
+        # Journalled from what was read, as the seed would: the entries agree with the return.
+        connection.execute(
+            sa.insert(journal_table),
+            [
+                {"batch_id": "blind", "at": db.to_db_time(now), "action": rule.action,
+                 "source": source, "table_name": host.tasks.name, "row_key": json.dumps([c.pk]),
+                 "model_slug": c.key.model_slug, "app_number": c.key.app_number,
+                 "old_status": c.old_status, "new_status": new_status,
+                 "before_image": json.dumps({"id": c.pk, "task_id": c.task_id,
+                                             "status": c.old_status})}
+                for c in changes
+            ],
+        )
+        connection.execute(
+            sa.update(host.tasks)
+            .where(chosen)
+            .values(status=new_status, completed_at=db.to_db_time(now))
+        )
+    return changes[-1].pk, len(changes), changes
 
 
 def _failure_text(exc: BaseException) -> str:
@@ -73,7 +87,7 @@ def test_the_property_finds_a_lost_update_in_a_blind_write(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A tool that writes a status without comparing it to the one it read must be caught."""
-    monkeypatch.setattr(Store, "_change_batch", _blind_change_batch)
+    monkeypatch.setattr(Store, "_task_batch", _blind_task_batch)
     with pytest.raises(Exception) as caught:
         run_property(f"sqlite:///{tmp_path / 'mutant.db'}", tmp_path, examples=150, fixed=True,
                      rng_seed=0, shrink=False)

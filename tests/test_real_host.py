@@ -8,6 +8,9 @@ every host row as it was.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -197,4 +200,34 @@ def test_a_mapping_that_cannot_work_is_refused_before_any_change(
         assert realhost.snapshot(seeding) == before
     finally:
         store.engine.dispose()
+        seeding.dispose()
+
+
+def test_run_with_a_mapping_that_cannot_work_exits_2_before_any_change(
+    database_url: str, apps_root: Path, tmp_path: Path
+) -> None:
+    seeding = db.create_engine(database_url)
+    realhost.create(seeding)
+    now = db.utcnow()
+    realhost.seed(seeding, apps_root, now)
+    before = realhost.snapshot(seeding)
+    config = tmp_path / "broken.toml"
+    config.write_text(BROKEN_PARENT)
+    env = {
+        **os.environ,
+        "FSWATCH_SYNC_CONFIG": str(config),
+        "FSWATCH_SYNC_ROOT": str(apps_root),
+        "FSWATCH_SYNC_DATABASE_URL": database_url,
+    }
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "fswatch_sync", "run"],
+            env=env, capture_output=True, text=True, timeout=60, check=False,
+        )
+        assert done.returncode == 2, done.stderr
+        errors = [line for line in done.stderr.splitlines() if "error" in line]
+        assert len(errors) == 1 and "schema.tasks_columns.parent_id" in errors[0]
+        assert "Traceback" not in done.stderr
+        assert realhost.snapshot(seeding) == before
+    finally:
         seeding.dispose()

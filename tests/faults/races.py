@@ -10,7 +10,7 @@ to count as stuck or not). Then three kinds of thread run at once, each on its o
 * the **regenerator** (inside the runner's step list) recreates a removed app directory;
 * the **tool** runs one to three operations: ``Store.remove_apps`` (the reactor's and sweep's one
   removal, with the re-check on disk), ``Sweeper.run`` (the full sweep: orphan apps, orphan,
-  stuck and old tasks) and ``Store.change_tasks`` (an operator's cancel).
+  stuck and old tasks) and ``Store.apply_task_rule`` with an operator's cancel.
 
 The interleaving is steered, not left to luck: every runner step waits for a *gate* — "after the
 tool's k-th SQL statement" — and the tool, on passing a gate, gives the released step a moment to
@@ -65,7 +65,7 @@ from faults.kit import (
     task_rows,
 )
 from faults.servers import scratch_database
-from fswatch_sync import db, signals
+from fswatch_sync import db, rules, signals
 from fswatch_sync import sweep as sweep_module
 from fswatch_sync.layout import AppKey
 from fswatch_sync.settings import Settings
@@ -392,16 +392,12 @@ def run_tool(plan: Plan, pks: list[int], root: Path, rig: Rig, gates: Gates, log
                     log.removed += removed
                     log.tool += changes
                 else:
-                    status = store.host.task_col("status")
-                    log.tool += store.change_tasks(
-                        [pks[i] for i in op.tasks],
-                        still=status.in_(ACTIVE),
-                        new_status="cancelled",
-                        message="cancelled by an operator",
-                        action="task_cancelled",
-                        source="operator",
-                        now=now,
+                    rule = rules.cancel_tasks_rule(
+                        store.host, [pks[i] for i in op.tasks], "cancelled by an operator"
                     )
+                    log.tool += store.apply_task_rule(
+                        rule, source="operator", now=now, collect=True
+                    ).changes
                 log.ops.append((op.kind, started, log.removed[before:]))
     except Exception as exc:
         with log.lock:
@@ -616,7 +612,7 @@ def run_property(
     quick=25,
     long=500,
     summary="hypothesis examples: a task runner (1-2 threads of compare-and-set steps) and a"
-    " regenerator race remove_apps / Sweeper.run / change_tasks, runner steps gated inside the"
+    " regenerator race remove_apps / Sweeper.run / an operator's cancel, runner steps gated inside the"
     " tool's open transactions; zero lost updates (runner log vs rows vs journal), journal ="
     " returned changes, a directory back at re-check keeps its row (quick rounds: fixed"
     " examples; long rounds: seeded)",

@@ -29,6 +29,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from fswatch_sync import images
 from fswatch_sync.layout import AppKey
 from fswatch_sync.schema import SchemaConfig, default_host_metadata, journal_table
 
@@ -46,6 +47,12 @@ def image(mapping: Any) -> dict[str, Any]:
     return {
         str(k): (v.isoformat() if isinstance(v, datetime) else v) for k, v in dict(mapping).items()
     }
+
+
+def same_image(table: sa.Table, text: str, seeded: dict[str, Any]) -> bool:
+    """Whether a journal before-image (rendered by whichever database wrote it) holds the seeded
+    row's values."""
+    return images.decode(table, text) == images.decode(table, json.dumps(seeded))
 
 
 @dataclass
@@ -303,7 +310,7 @@ class World:
             problems.append(f"{key}: row gone with {len(entries)} app_removed journal entries")
             return
         entry = entries[0]
-        if json.loads(entry["before_image"]) != app.row:
+        if not same_image(APPS, entry["before_image"], app.row):
             problems.append(f"{key}: before-image {entry['before_image']} != seeded {app.row}")
         for task_id, seeded in app.tasks.items():
             now = snap.tasks.get(task_id)
@@ -333,7 +340,7 @@ class World:
             if (cancel["old_status"], cancel["new_status"]) != (seeded["status"], "cancelled"):
                 problems.append(f"{key}: task {task_id} journalled {cancel['old_status']}->"
                                 f"{cancel['new_status']}")
-            if json.loads(cancel["before_image"]) != seeded:
+            if not same_image(TASKS, cancel["before_image"], seeded):
                 problems.append(f"{key}: task {task_id} before-image differs from the seeded row")
             if cancel["batch_id"] != entry["batch_id"]:
                 problems.append(f"{key}: task {task_id} cancelled in another transaction")
