@@ -245,7 +245,9 @@ def validate(host: HostTables) -> None:
         name = getattr(config.apps, role)
         if name:
             if name not in table.c:
-                raise SettingsError(f"{setting}.{role}", f"column {name!r} is not in {table.name!r}")
+                raise SettingsError(
+                    f"{setting}.{role}", f"column {name!r} is not in {table.name!r}"
+                )
             _require(table.c[name], "time", f"{setting}.{role}", "the tool writes a time")
     if config.tasks.updated_at:
         _require(host.task_col("updated_at"), "time", f"{tasks}.updated_at", "a time is written")

@@ -155,7 +155,9 @@ class JournalWriter:
         number: ColumnElement[Any] = sa.null()
         if key is not None:
             slug = sa.cast(key[0], sa.Text())
-            number = key[1] if isinstance(key[1].type, sa.Integer) else sa.cast(key[1], sa.BigInteger())
+            number = key[1]
+            if not isinstance(number.type, sa.Integer):
+                number = sa.cast(number, sa.BigInteger())
         source = sa.select(
             sa.literal(self.batch_id, sa.String()),
             sa.literal(self.at, sa.DateTime()),

@@ -72,7 +72,8 @@ def _remove(store: Store, ordered: list[AppKey], options: dict[str, Any]) -> Rem
         part = ordered[start : start + sizer.size]
         clock = time.monotonic()
         done = batch(store, part, **options)
-        sizer.record(max(done.removed_rows + len(done.cancelled), len(part)), time.monotonic() - clock)
+        rows = max(done.removed_rows + len(done.cancelled), len(part))
+        sizer.record(rows, time.monotonic() - clock)
         outcome.extend(done)
         start += len(part)
     return outcome

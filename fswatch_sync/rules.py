@@ -182,7 +182,9 @@ def has_child(host: HostTables) -> ColumnElement[bool]:
     return sa.exists().where(child.c[parent.name] == host.parent_target_col)
 
 
-def purgeable(host: HostTables, cutoff: datetime) -> tuple[ColumnElement[bool], ColumnElement[bool]]:
+def purgeable(
+    host: HostTables, cutoff: datetime
+) -> tuple[ColumnElement[bool], ColumnElement[bool]]:
     """(old and nothing restricting holds it, old but held by a ``restrict`` table)."""
     condition = old_task(host, cutoff)
     held: list[ColumnElement[bool]] = [

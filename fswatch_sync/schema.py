@@ -301,7 +301,9 @@ def _name(setting: str, raw: Any) -> str:
 MAX_TEMPLATE_LENGTH = 1000
 
 
-def _check_template(setting: str, template: str, names: tuple[str, ...] = ("model_slug", "app_number")) -> None:
+def _check_template(
+    setting: str, template: str, names: tuple[str, ...] = ("model_slug", "app_number")
+) -> None:
     """A message template may name only ``names``, without format specs or conversions: the
     database builds the message (one UPDATE per batch), and a spec like ``{x:>20000000}`` would
     otherwise write megabytes per task."""

@@ -14,10 +14,10 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, NamedTuple, TypeVar
 
 import sqlalchemy as sa
@@ -42,7 +42,9 @@ CommitCheck = Callable[[Connection], None]
 MIN_BATCH = 20
 MAX_BATCH = 20_000
 
-__all__ = ["AppRow", "RemovalOutcome", "RuleOutcome", "Store", "TaskChange", "chunks", "keys_clause"]
+__all__ = [
+    "AppRow", "RemovalOutcome", "RuleOutcome", "Store", "TaskChange", "chunks", "keys_clause"
+]
 
 
 @dataclass(frozen=True)
@@ -351,7 +353,9 @@ class Store:
             if isinstance(rule.effect, Delete):
                 for dependent in host.task_dependents:
                     if dependent.policy != "restrict":
-                        self._follow_policy(connection, dependent, host.tasks, chosen, journal, None)
+                        self._follow_policy(
+                            connection, dependent, host.tasks, chosen, journal, None
+                        )
                 result = connection.execute(sa.delete(host.tasks).where(chosen))
             else:
                 result = self._set_status(connection, chosen, rule.effect, now)
@@ -417,7 +421,9 @@ class Store:
             match = sa.and_(
                 *(
                     column == reference
-                    for column, reference in zip(dependent.columns, dependent.references, strict=True)
+                    for column, reference in zip(
+                        dependent.columns, dependent.references, strict=True
+                    )
                 )
             )
             owner = tuple(
@@ -461,10 +467,33 @@ class Store:
 
     # -- the one way to remove apps --------------------------------------------------------------
 
-    def remove_apps(self, keys: Any, **kwargs: Any) -> RemovalOutcome:
+    def remove_apps(
+        self,
+        keys: Iterable[AppKey],
+        *,
+        source: str,
+        now: datetime,
+        still_absent: Callable[[AppKey], bool] | None = None,
+        dry_run: bool = False,
+        young_after: datetime | None = None,
+        missing_grace: timedelta | None = None,
+        cancel_when_missing: bool = True,
+    ) -> RemovalOutcome:
+        """The app rule applied to ``keys``: see :func:`fswatch_sync.removal.remove_apps`."""
+        # Imported here: removal builds on this module's batches and outcomes.
         from fswatch_sync.removal import remove_apps
 
-        return remove_apps(self, keys, **kwargs)
+        return remove_apps(
+            self,
+            keys,
+            source=source,
+            now=now,
+            still_absent=still_absent,
+            dry_run=dry_run,
+            young_after=young_after,
+            missing_grace=missing_grace,
+            cancel_when_missing=cancel_when_missing,
+        )
 
     def clear_marks_of(self, present: set[AppKey]) -> int:
         """Forget the missing-since marks of keys whose directory is back."""

@@ -217,15 +217,7 @@ class ScriptedStore(Store):
         self.gate: threading.Event | None = None
         self.entered = threading.Event()
 
-    def remove_apps(
-        self,
-        keys: Iterable[AppKey],
-        *,
-        source: str,
-        now: datetime,
-        still_absent: Callable[[AppKey], bool] | None = None,
-        dry_run: bool = False,
-    ) -> RemovalOutcome:
+    def remove_apps(self, keys: Iterable[AppKey], **options: Any) -> RemovalOutcome:
         batch = sorted(keys)
         self.calls.append(batch)
         self.entered.set()
@@ -238,9 +230,7 @@ class ScriptedStore(Store):
             raise OperationalError(
                 "DELETE FROM generated_applications", {}, sqlite3.OperationalError("disk I/O error")
             )
-        return super().remove_apps(
-            batch, source=source, now=now, still_absent=still_absent, dry_run=dry_run
-        )
+        return super().remove_apps(batch, **options)
 
 
 # -- reading ---------------------------------------------------------------------------------

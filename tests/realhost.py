@@ -206,7 +206,8 @@ def seed(engine: Engine, root: Path, now: datetime) -> None:
     _task(engine, "never-running", NEVER, "running", created=now, started=now)
     _task(engine, "stuck-running", PRESENT, "running", created=hour_ago, started=hour_ago)
     _task(engine, "stuck-pending", PRESENT, "pending", created=hour_ago)
-    _task(engine, "fresh-running", PRESENT, "running", created=now, started=now - timedelta(minutes=59))
+    _task(engine, "fresh-running", PRESENT, "running", created=now,
+          started=now - timedelta(minutes=59))
     ancient = now - timedelta(days=40)
     finished = {"created": ancient, "started": ancient, "completed": ancient}
     _task(engine, "old-plain", PRESENT, "completed", **finished)

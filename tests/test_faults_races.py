@@ -16,9 +16,9 @@ from faults import harness
 from faults.races import run_property
 
 from fswatch_sync import db
-from fswatch_sync.schema import journal_table
 from fswatch_sync.layout import AppKey
 from fswatch_sync.rules import SetStatus, TaskRule
+from fswatch_sync.schema import journal_table
 from fswatch_sync.store import Store, TaskChange
 
 

@@ -26,9 +26,9 @@ from sqlalchemy.exc import OperationalError
 
 from fswatch_sync import db, sweep
 from fswatch_sync.layout import AppKey
+from fswatch_sync.rules import TaskRule
 from fswatch_sync.schema import journal_table
 from fswatch_sync.settings import Settings
-from fswatch_sync.rules import TaskRule
 from fswatch_sync.store import Store
 
 TASKS = 1500

@@ -20,6 +20,7 @@ import sqlalchemy as sa
 
 from fswatch_sync import db, journal
 from fswatch_sync.errors import SettingsError
+from fswatch_sync.schema import journal_table
 from fswatch_sync.settings import Settings, load_settings
 from fswatch_sync.store import Store
 from fswatch_sync.sweep import Sweeper
@@ -144,8 +145,8 @@ def test_the_reactor_rule_removes_every_version_of_a_key(
         # One restore of the key's entries brings back all of its rows.
         with seeding.connect() as connection:
             batch = connection.execute(
-                sa.select(journal.journal_table.c.batch_id).where(
-                    journal.journal_table.c.action == "app_removed"
+                sa.select(journal_table.c.batch_id).where(
+                    journal_table.c.action == "app_removed"
                 ).limit(1)
             ).scalar_one()
         journal.restore(store, journal.Selection(batch_id=batch))
@@ -166,7 +167,8 @@ BROKEN_PARENT = realhost.SCHEMA_TOML.replace(
     ("toml", "setting"),
     [
         (BROKEN_PARENT, "schema.tasks_columns.parent_id"),
-        (realhost.SCHEMA_TOML.replace('created_at = "created"\nupdated_at', 'created_at = "state"\nupdated_at'),
+        (realhost.SCHEMA_TOML.replace('created_at = "created"\nupdated_at',
+                                      'created_at = "state"\nupdated_at'),
          "schema.apps_columns.created_at"),
         (realhost.SCHEMA_TOML.replace('app_number = "number"', 'app_number = "model"'),
          "schema.apps_columns.app_number"),

@@ -612,7 +612,8 @@ def run_property(
     quick=25,
     long=500,
     summary="hypothesis examples: a task runner (1-2 threads of compare-and-set steps) and a"
-    " regenerator race remove_apps / Sweeper.run / an operator's cancel, runner steps gated inside the"
+    " regenerator race remove_apps / Sweeper.run / an operator's cancel, runner steps gated"
+    " inside the"
     " tool's open transactions; zero lost updates (runner log vs rows vs journal), journal ="
     " returned changes, a directory back at re-check keeps its row (quick rounds: fixed"
     " examples; long rounds: seeded)",
