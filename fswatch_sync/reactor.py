@@ -186,12 +186,12 @@ class Reactor:
 
     def _report(self, outcome: RemovalOutcome) -> None:
         self.stats.add("apps_removed", len(outcome.removed))
-        self.stats.add("tasks_cancelled", len(outcome.cancelled))
+        self.stats.add("tasks_cancelled", outcome.cancelled_count)
         if outcome.removed:
             log.info(
                 "removed %d app row(s), cancelled %d task(s): %s",
                 len(outcome.removed),
-                len(outcome.cancelled),
+                outcome.cancelled_count,
                 ", ".join(str(k) for k in outcome.removed[:5])
                 + (" ..." if len(outcome.removed) > 5 else ""),
             )

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Mapping
 from datetime import datetime, timedelta
@@ -57,6 +58,8 @@ class Lease:
         self.holder = holder
         self.name = name
         self.duration = timedelta(seconds=duration_seconds)
+        # When this holder last proved and extended the lease (monotonic clock).
+        self._extended_at = float("-inf")
 
     def try_acquire(self, now: datetime | None = None) -> bool:
         """Take or extend the lease; False while another holder's lease is unexpired."""
@@ -82,6 +85,7 @@ class Lease:
                 )
             ).rowcount
             if taken:
+                self._extended_at = time.monotonic()
                 return True
             exists = connection.execute(
                 sa.select(table.c.name).where(table.c.name == self.name)
@@ -124,6 +128,7 @@ class Lease:
         ).rowcount
         if not extended:
             raise LeaseLost(f"lease {self.name!r} is no longer held by {self.holder}")
+        self._extended_at = time.monotonic()
 
     def renew(self, now: datetime | None = None) -> None:
         """Extend the lease in a transaction of its own; LeaseLost when it was taken over."""
@@ -133,6 +138,12 @@ class Lease:
                 self.check_and_extend(connection, now)
 
         db.retrying(min(self.duration.total_seconds() / 2, 10.0))(attempt)()
+
+    def renew_if_due(self) -> None:
+        """Renew when a third of the lease has passed since it was last extended: between
+        steps that may have committed nothing (every batch's commit extends it anyway)."""
+        if time.monotonic() - self._extended_at > self.duration.total_seconds() / 3:
+            self.renew()
 
     def release(self) -> None:
         """Give the lease up now (if still ours), for any other instance whatever its clock."""

@@ -17,11 +17,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from fswatch_sync import db
+from fswatch_sync import db, rules
 from fswatch_sync.images import JournalWriter
 from fswatch_sync.layout import AppKey
 from fswatch_sync.marks import Marks
-from fswatch_sync.rules import app_keys, key_message, task_keys, young_key
+from fswatch_sync.rules import app_keys, task_keys, young_key
 from fswatch_sync.store import BatchSizer, RemovalOutcome, Store, TaskChange
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ def remove_apps(
     young_after: datetime | None = None,
     missing_grace: timedelta | None = None,
     cancel_when_missing: bool = True,
+    collect: bool = True,
 ) -> RemovalOutcome:
     """Remove every row of each key, and cancel the key's active tasks, a batch per transaction.
 
@@ -47,7 +48,8 @@ def remove_apps(
     changes: a key whose directory is back keeps its rows (reported in ``present``).
     ``young_after``: keys with a row created after it are left alone (the sweep's grace).
     ``missing_grace``: keys are first marked missing, and removed once marked that long.
-    ``dry_run``: the same statements, rolled back.
+    ``dry_run``: the same statements, rolled back. ``collect``: list each cancelled task (for
+    signals); otherwise only counted, and no task row passes through Python.
     """
     options: dict[str, Any] = {
         "source": source,
@@ -56,6 +58,7 @@ def remove_apps(
         "young_after": young_after,
         "missing_grace": missing_grace,
         "cancel_when_missing": cancel_when_missing,
+        "collect": collect,
     }
     if dry_run:
         with store.rehearsal() as rehearsal:
@@ -72,7 +75,7 @@ def _remove(store: Store, ordered: list[AppKey], options: dict[str, Any]) -> Rem
         part = ordered[start : start + sizer.size]
         clock = time.monotonic()
         done = batch(store, part, **options)
-        rows = max(done.removed_rows + len(done.cancelled), len(part))
+        rows = max(done.removed_rows + done.cancelled_count, len(part))
         sizer.record(rows, time.monotonic() - clock)
         outcome.extend(done)
         start += len(part)
@@ -89,6 +92,7 @@ def _remove_batch(
     young_after: datetime | None,
     missing_grace: timedelta | None,
     cancel_when_missing: bool,
+    collect: bool,
 ) -> RemovalOutcome:
     host, outcome = store.host, RemovalOutcome()
     id_col = host.app_col("id")
@@ -124,7 +128,7 @@ def _remove_batch(
                     key=(slug_col, number_col),
                 )
                 if cancel_when_missing:
-                    outcome.cancelled += _cancel_tasks(store, connection, fresh, journal, now)
+                    _cancel_tasks(store, connection, fresh, journal, now, outcome, collect)
             due = now - missing_grace
             ids_by_key = {k: v for k, v in ids_by_key.items() if k in found and found[k] <= due}
         for dependent in host.dependents:
@@ -155,7 +159,7 @@ def _remove_batch(
                 outcome.dependents_deleted += count
             else:
                 outcome.dependents_nullified += count
-        outcome.cancelled += _cancel_tasks(store, connection, removing, journal, now)
+        _cancel_tasks(store, connection, removing, journal, now, outcome, collect)
         journalled = journal.record("app_removed", host.apps, chosen, key=(slug_col, number_col))
         deleted = connection.execute(sa.delete(host.apps).where(chosen)).rowcount
         if deleted != journalled:
@@ -173,30 +177,36 @@ def _cancel_tasks(
     keys: list[AppKey],
     journal: JournalWriter,
     now: datetime,
-) -> list[TaskChange]:
+    outcome: RemovalOutcome,
+    collect: bool,
+) -> None:
     """Cancel the keys' active tasks: locked, journalled, compare-and-set on the status."""
     host = store.host
     cancelled = host.config.statuses.cancelled
-    columns = [
-        host.task_col(role)
-        for role in ("id", "task_id", "target_model", "target_app_number", "status")
-    ]
-    rows = connection.execute(
-        store.locked(
-            sa.select(*columns).where(
-                task_keys(host, keys), host.task_col("status").in_(host.config.statuses.active)
-            ),
-            connection,
-        )
-    ).all()
-    if not rows:
-        return []
-    changes = [
-        TaskChange(pk, str(task_id), AppKey(model, int(number)), status, cancelled)
-        for pk, task_id, model, number, status in rows
-    ]
-    chosen = columns[0].in_([change.pk for change in changes])
-    journal.record(
+    pk = host.task_col("id")
+    matching = sa.and_(task_keys(host, keys), rules.active(host))
+    if collect:
+        columns = [
+            host.task_col(role)
+            for role in ("id", "task_id", "target_model", "target_app_number", "status")
+        ]
+        rows = connection.execute(
+            store.locked(sa.select(*columns).where(matching), connection)
+        ).all()
+        changes = [
+            TaskChange(p, str(task_id), AppKey(model, int(number)), status, cancelled)
+            for p, task_id, model, number, status in rows
+        ]
+        outcome.cancelled += changes
+        chosen: sa.ColumnElement[bool] = pk.in_([change.pk for change in changes])
+    elif db.locks_rows(connection):
+        locked = connection.execute(store.locked(sa.select(pk).where(matching), connection))
+        chosen = pk.in_(list(locked.scalars()))
+    else:
+        # SQLite: this transaction holds the write lock, so the predicate itself names the rows
+        # the journal and the update both see.
+        chosen = matching
+    count = journal.record(
         "task_cancelled",
         host.tasks,
         chosen,
@@ -204,15 +214,15 @@ def _cancel_tasks(
         status=host.task_col("status"),
         new_status=cancelled,
     )
-    from fswatch_sync.rules import SetStatus
-
-    effect = SetStatus(cancelled, key_message(host.config.cancel_message, host))
+    if count == 0:
+        return
+    effect = rules.SetStatus(cancelled, rules.key_message(host.config.cancel_message, host))
     result = store._set_status(connection, chosen, effect, now)
-    if result.rowcount != len(changes):
+    if result.rowcount != count:
         raise db.StaleRead(
-            f"{len(changes) - result.rowcount} task(s) changed status under the tool's lock"
+            f"{count - result.rowcount} task(s) changed status under the tool's lock"
         )
-    return changes
+    outcome.cancelled_count += count
 
 
 def _pointed_at_keys(

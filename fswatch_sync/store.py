@@ -64,6 +64,8 @@ class RemovalOutcome:
 
     removed: list[AppKey] = field(default_factory=list)
     removed_rows: int = 0
+    # Every cancelled task is counted; each is listed only when asked for (signals).
+    cancelled_count: int = 0
     cancelled: list[TaskChange] = field(default_factory=list)
     blocked: list[AppKey] = field(default_factory=list)
     present: list[AppKey] = field(default_factory=list)
@@ -74,6 +76,7 @@ class RemovalOutcome:
     def extend(self, other: RemovalOutcome) -> None:
         self.removed += other.removed
         self.removed_rows += other.removed_rows
+        self.cancelled_count += other.cancelled_count
         self.cancelled += other.cancelled
         self.blocked += other.blocked
         self.present += other.present
@@ -95,9 +98,10 @@ class RuleOutcome:
 class AppRow(NamedTuple):
     """One app key as the sweep reads it: its rows, and whether the youngest is in the grace."""
 
-    key: AppKey
+    model_slug: str
+    app_number: int
     rows: int
-    young: bool
+    young: int
 
 
 def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
@@ -247,19 +251,17 @@ class Store:
     # -- reading --------------------------------------------------------------------------------
 
     def app_rows(self, young_after: datetime | None = None) -> list[AppRow]:
-        """Every app key with its number of rows and whether any of them was created after
-        ``young_after``: one grouped read; the database judges every timestamp."""
+        """Every app key as ``(model_slug, app_number, rows, young)``: how many rows it owns and
+        whether any was created after ``young_after``. One grouped read; the database judges
+        every timestamp, and the rows stay plain tuples (the sweep reads tens of thousands)."""
         host = self.host
         slug, number = host.app_col("model_slug"), host.app_col("app_number")
         young: ColumnElement[Any] = sa.literal(0)
         if young_after is not None:
             young = sa.func.max(sa.case((young_row(host, young_after), 1), else_=0))
         statement = sa.select(slug, number, sa.func.count(), young).group_by(slug, number)
-        with self.reader.connect() as connection:
-            return [
-                AppRow(AppKey(s, int(n)), int(rows), bool(y))
-                for s, n, rows, y in connection.execute(statement)
-            ]
+        with self._reading() as connection:
+            return connection.execute(statement).all()  # type: ignore[return-value]
 
     def app_rows_exist(self) -> bool:
         host = self.host
@@ -478,6 +480,7 @@ class Store:
         young_after: datetime | None = None,
         missing_grace: timedelta | None = None,
         cancel_when_missing: bool = True,
+        collect: bool = True,
     ) -> RemovalOutcome:
         """The app rule applied to ``keys``: see :func:`fswatch_sync.removal.remove_apps`."""
         # Imported here: removal builds on this module's batches and outcomes.
@@ -493,6 +496,7 @@ class Store:
             young_after=young_after,
             missing_grace=missing_grace,
             cancel_when_missing=cancel_when_missing,
+            collect=collect,
         )
 
     def clear_marks_of(self, present: set[AppKey]) -> int:

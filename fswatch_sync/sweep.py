@@ -102,10 +102,11 @@ def orphan_keys(
     ``AppRow.young``) and keys in a model directory that could not be listed (absence not
     proven)."""
     unknown = frozenset(unknown_slugs)
+    # An AppKey is a tuple: (slug, number) finds it in ``present`` without building one per row.
     return sorted(
-        row.key
-        for row in rows
-        if row.key not in present and row.key.model_slug not in unknown and not row.young
+        AppKey(slug, int(number))
+        for slug, number, _rows, young in rows
+        if not young and (slug, number) not in present and slug not in unknown
     )
 
 
@@ -249,7 +250,7 @@ class Sweeper:
         grace = timedelta(minutes=settings.app_grace_minutes)
         rows = store.app_rows(young_after=now - grace)
         report.app_keys, report.app_dirs = len(rows), len(present)
-        report.app_rows = sum(row.rows for row in rows)
+        report.app_rows = sum(row[2] for row in rows)
         report.unreadable_dirs = len(scan.unreadable)
         candidates = (
             orphan_keys(present, rows, scan.unreadable) if settings.cleanup_orphan_apps else []
@@ -271,7 +272,7 @@ class Sweeper:
             raise SweepRefused(refusal)
         # Scanning wrote nothing, so no commit renewed the lease meanwhile.
         if live:
-            self.lease.renew()
+            self.lease.renew_if_due()
 
         missing_grace = settings.missing_grace_minutes
         if missing_grace > 0:
@@ -285,6 +286,11 @@ class Sweeper:
             young_after=now - grace,
             missing_grace=timedelta(minutes=missing_grace) if missing_grace > 0 else None,
             cancel_when_missing=settings.cancel_tasks_when_missing,
+            collect=live
+            and (
+                signals.app_removed.has_receivers_for(self.sender)
+                or signals.task_cancelled.has_receivers_for(self.sender)
+            ),
         )
         if live:
             announce.removal(self.sender, removal, "sweep")
@@ -296,11 +302,11 @@ class Sweeper:
         report.dependents_deleted = removal.dependents_deleted
         report.dependents_nullified = removal.dependents_nullified
         report.removed = removal.removed
-        report.orphan_tasks = len(removal.cancelled)
+        report.orphan_tasks = removal.cancelled_count
 
         for rule in rules.task_rules(store.host, settings, now):
             if live:
-                self.lease.renew()
+                self.lease.renew_if_due()
             self._report_progress(rule.name.replace("_", " "), 0, 0)
             per_change = live and isinstance(rule.effect, rules.SetStatus) and (
                 rule.signal.has_receivers_for(self.sender)

@@ -121,7 +121,7 @@ def test_lost_lease_rolls_the_store_batch_back(tables: Engine, now: datetime) ->
     guarded = store.with_commit_check(lambda c: a.check_and_extend(c, later(now, DURATION + 2)))
     with pytest.raises(LeaseLost):
         guarded.remove_apps([AppKey("m", 1)], source="sweep", now=now)
-    assert [row.key for row in store.app_rows()] == [AppKey("m", 1)]
+    assert [AppKey(row[0], row[1]) for row in store.app_rows()] == [AppKey("m", 1)]
 
 
 def test_only_one_of_many_concurrent_takers_wins(tables: Engine, now: datetime) -> None:

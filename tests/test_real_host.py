@@ -9,6 +9,7 @@ every host row as it was.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 import realhost
 import sqlalchemy as sa
+from helpers import running_service, wait_until
 
 from fswatch_sync import db, journal
 from fswatch_sync.errors import SettingsError
@@ -231,5 +233,43 @@ def test_run_with_a_mapping_that_cannot_work_exits_2_before_any_change(
         assert len(errors) == 1 and "schema.tasks_columns.parent_id" in errors[0]
         assert "Traceback" not in done.stderr
         assert realhost.snapshot(seeding) == before
+    finally:
+        seeding.dispose()
+
+
+def test_rm_rf_of_a_multi_version_app_removes_every_row_through_the_reactor(
+    database_url: str, apps_root: Path, tmp_path: Path
+) -> None:
+    seeding = db.create_engine(database_url)
+    realhost.create(seeding)
+    realhost.seed(seeding, apps_root, db.utcnow())
+    gone_dir = apps_root / realhost.GONE.model_slug / f"app{realhost.GONE.app_number}"
+    gone_dir.mkdir()
+    (gone_dir / "node_modules" / "x").mkdir(parents=True)
+    settings = settings_for(tmp_path, apps_root, database_url)
+
+    def versions() -> int:
+        return sum(
+            1 for (m, n, _v) in realhost.outcome(seeding).apps
+            if (m, n) == (realhost.GONE.model_slug, realhost.GONE.app_number)
+        )
+
+    try:
+        assert versions() == 3
+        with running_service(settings):
+            shutil.rmtree(gone_dir)
+            wait_until(lambda: versions() == 0, what="every version of the key removed")
+            tasks = realhost.outcome(seeding).tasks
+            assert tasks["gone-pending"] == ("cancelled", "gone")
+            assert tasks["gone-running"] == ("cancelled", "gone")
+            assert tasks["gone-done"] == ("completed", None)
+        with seeding.connect() as connection:
+            batches = connection.execute(
+                sa.select(journal_table.c.batch_id)
+                .where(journal_table.c.model_slug == realhost.GONE.model_slug,
+                       journal_table.c.app_number == realhost.GONE.app_number)
+                .distinct()
+            ).scalars().all()
+        assert len(batches) == 1, "the key's rows and tasks changed in one transaction"
     finally:
         seeding.dispose()

@@ -61,7 +61,7 @@ def seed(store: Store, keys: Sequence[AppKey], now: datetime, *, finished: bool 
 
 
 def app_keys(store: Store) -> set[AppKey]:
-    return {row.key for row in store.app_rows()}
+    return {AppKey(row[0], row[1]) for row in store.app_rows()}
 
 
 def task_statuses(store: Store) -> dict[str, str]:

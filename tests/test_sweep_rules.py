@@ -213,7 +213,7 @@ def task_rows(store: Store) -> dict[str, dict[str, Any]]:
 
 
 def app_keys(store: Store) -> set[AppKey]:
-    return {row.key for row in store.app_rows()}
+    return {AppKey(row[0], row[1]) for row in store.app_rows()}
 
 
 def journal_rows(engine: Engine) -> list[dict[str, Any]]:
@@ -367,7 +367,7 @@ def test_each_pass_can_be_switched_off(
         "orphan_tasks": 4,
         "stuck_tasks": 4,
     }
-    assert AppKey("../outside", 1) in {row.key for row in store.app_rows()}
+    assert AppKey("../outside", 1) in {AppKey(row[0], row[1]) for row in store.app_rows()}
     # Without the orphan-tasks pass, only the removed apps' tasks are cancelled (with their
     # apps); a rowless task that is also stuck is still failed by the stuck pass.
     off = sweep(cleanup_orphan_tasks=False)
