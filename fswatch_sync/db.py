@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.compiler import compiles
 from tenacity import (
     RetryCallState,
     retry,
@@ -200,3 +202,34 @@ def from_db_time(value: datetime | None) -> datetime | None:
     if value.tzinfo is None:
         return value.replace(tzinfo=UTC)
     return value.astimezone(UTC)
+
+
+class _OneOf(sa.sql.expression.ColumnElement[bool]):
+    """``column IN (values)``; on PostgreSQL ``column = ANY(%(array)s)``: one parameter, where
+    thousands of placeholders would cost more to parse (driver and server) than the work."""
+
+    type = sa.Boolean()
+    # Its statements are compiled afresh: their IN lists differ in length from batch to batch.
+    inherit_cache = False
+
+    def __init__(self, column: sa.ColumnElement[Any], values: list[Any]) -> None:
+        self.column = column
+        self.values = values
+
+
+@compiles(_OneOf)
+def _one_of_default(element: _OneOf, compiler: Any, **kw: Any) -> str:
+    return str(compiler.process(element.column.in_(element.values), **kw))
+
+
+@compiles(_OneOf, "postgresql")
+def _one_of_postgresql(element: _OneOf, compiler: Any, **kw: Any) -> str:
+    if not element.values:
+        return str(compiler.process(sa.false(), **kw))
+    array = sa.bindparam(None, element.values, type_=postgresql.ARRAY(element.column.type))
+    return str(compiler.process(element.column == sa.any_(array), **kw))
+
+
+def one_of(column: sa.ColumnElement[Any], values: Iterable[Any]) -> sa.ColumnElement[bool]:
+    """``column`` is one of ``values`` (a batch's primary keys, a model's app numbers)."""
+    return _OneOf(column, list(values))

@@ -148,7 +148,7 @@ def _remove_batch(
         if not ids_by_key:
             return outcome
         removing = sorted(ids_by_key)
-        chosen = id_col.in_([pk for key in removing for pk in ids_by_key[key]])
+        chosen = db.one_of(id_col, [pk for key in removing for pk in ids_by_key[key]])
         for dependent in host.dependents:
             if dependent.policy == "restrict":
                 continue
@@ -198,10 +198,10 @@ def _cancel_tasks(
             for p, task_id, model, number, status in rows
         ]
         outcome.cancelled += changes
-        chosen: sa.ColumnElement[bool] = pk.in_([change.pk for change in changes])
+        chosen: sa.ColumnElement[bool] = db.one_of(pk, [change.pk for change in changes])
     elif db.locks_rows(connection):
         locked = connection.execute(store.locked(sa.select(pk).where(matching), connection))
-        chosen = pk.in_(list(locked.scalars()))
+        chosen = db.one_of(pk, locked.scalars())
     else:
         # SQLite: this transaction holds the write lock, so the predicate itself names the rows
         # the journal and the update both see.
@@ -242,7 +242,7 @@ def _pointed_at_keys(
         pk
         for (pk,) in connection.execute(
             sa.select(id_col).select_from(host_apps.join(dependent.table, on))
-            .where(id_col.in_(all_ids))
+            .where(db.one_of(id_col, all_ids))
             .distinct()
         )
     }

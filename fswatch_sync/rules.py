@@ -82,7 +82,10 @@ def keys_clause(
     if not by_slug:
         return sa.false()
     return sa.or_(
-        *(sa.and_(slug_col == slug, number_col.in_(numbers)) for slug, numbers in by_slug.items())
+        *(
+            sa.and_(slug_col == slug, db.one_of(number_col, numbers))
+            for slug, numbers in by_slug.items()
+        )
     )
 
 
@@ -291,7 +294,7 @@ def cancel_tasks_rule(host: HostTables, pks: Iterable[Any], message: str) -> Tas
     """An operator's cancel of chosen tasks (those still active when it is applied)."""
     return TaskRule(
         name="cancelled_by_operator",
-        where=sa.and_(host.task_col("id").in_(list(pks)), active(host)),
+        where=sa.and_(db.one_of(host.task_col("id"), pks), active(host)),
         effect=SetStatus(host.config.statuses.cancelled, _text(message)),
         action="task_cancelled",
         reason="operator",

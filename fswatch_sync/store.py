@@ -340,7 +340,7 @@ class Store:
             )
             if not pks:
                 return None, 0, []
-            chosen = pk.in_(pks)
+            chosen = db.one_of(pk, pks)
             new_status = rule.effect.status if isinstance(rule.effect, SetStatus) else None
             changes = self._task_changes(connection, chosen, new_status) if collect else []
             journal = JournalWriter(connection, source=source, now=now)
@@ -546,5 +546,5 @@ class Store:
             )
             if not ids:
                 return 0, 0
-            result = connection.execute(sa.delete(journal_table).where(entry_id.in_(ids)))
+            result = connection.execute(sa.delete(journal_table).where(db.one_of(entry_id, ids)))
         return len(ids), int(result.rowcount)
