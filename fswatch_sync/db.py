@@ -16,10 +16,8 @@ from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.compiler import compiles
 from tenacity import (
     RetryCallState,
     retry,
@@ -60,6 +58,10 @@ def create_engine(
         options["isolation_level"] = "READ COMMITTED"
     if backend == "sqlite":
         options["connect_args"] = {"timeout": busy_timeout_ms / 1000}
+        # The connection used last is used next: SQLite keeps a page cache per connection and
+        # drops it whenever another connection has written, so handing batches round the pool
+        # would start every batch cold.
+        options["pool_use_lifo"] = True
     options.update(kwargs)
     engine = sa.create_engine(url, **options)
     if backend == "sqlite":
@@ -204,32 +206,11 @@ def from_db_time(value: datetime | None) -> datetime | None:
     return value.astimezone(UTC)
 
 
-class _OneOf(sa.sql.expression.ColumnElement[bool]):
-    """``column IN (values)``; on PostgreSQL ``column = ANY(%(array)s)``: one parameter, where
-    thousands of placeholders would cost more to parse (driver and server) than the work."""
-
-    type = sa.Boolean()
-    # Its statements are compiled afresh: their IN lists differ in length from batch to batch.
-    inherit_cache = False
-
-    def __init__(self, column: sa.ColumnElement[Any], values: list[Any]) -> None:
-        self.column = column
-        self.values = values
-
-
-@compiles(_OneOf)
-def _one_of_default(element: _OneOf, compiler: Any, **kw: Any) -> str:
-    return str(compiler.process(element.column.in_(element.values), **kw))
-
-
-@compiles(_OneOf, "postgresql")
-def _one_of_postgresql(element: _OneOf, compiler: Any, **kw: Any) -> str:
-    if not element.values:
-        return str(compiler.process(sa.false(), **kw))
-    array = sa.bindparam(None, element.values, type_=postgresql.ARRAY(element.column.type))
-    return str(compiler.process(element.column == sa.any_(array), **kw))
-
-
 def one_of(column: sa.ColumnElement[Any], values: Iterable[Any]) -> sa.ColumnElement[bool]:
-    """``column`` is one of ``values`` (a batch's primary keys, a model's app numbers)."""
-    return _OneOf(column, list(values))
+    """``column IN (values)`` for a batch's keys. Integers are written into the statement
+    itself: thousands of placeholders cost more to parse (driver and server) than the work, and
+    the statement stays cacheable, its values not being part of it."""
+    chosen = list(values)
+    if chosen and all(type(value) is int for value in chosen):
+        return column.in_(sa.bindparam(None, chosen, expanding=True, literal_execute=True))
+    return column.in_(chosen)
