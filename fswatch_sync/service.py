@@ -29,6 +29,7 @@ from fswatch_sync.settings import Settings, describe
 from fswatch_sync.stats import Stats
 from fswatch_sync.store import Store
 from fswatch_sync.sweep import Sweeper, SweepReport
+from fswatch_sync.text import printable
 from fswatch_sync.watcher import Watcher, choose_observer_kind
 
 log = logging.getLogger(__name__)
@@ -157,7 +158,7 @@ class Service:
         log.info(
             "started %s: root %s, database %s, %s observer",
             self.instance_id,
-            self.settings.root,
+            printable(str(self.settings.root)),
             self.settings.redacted_database_url(),
             self.observer_kind,
         )
@@ -375,10 +376,11 @@ class Service:
         if problem is not None:
             self._root_back = None
             self.reactor.discard_pending()
+            root = printable(str(self.settings.root))
             detail = (
-                f"the root {self.settings.root} is missing or not mounted; removing nothing"
+                f"the root {root} is missing or not mounted; removing nothing"
                 if problem == "root-missing"
-                else f"the root {self.settings.root} has no app directory while app rows exist;"
+                else f"the root {root} has no app directory while app rows exist;"
                 " removing nothing"
             )
             log.warning("%s", detail)
@@ -386,7 +388,7 @@ class Service:
         elif previous in ("root-missing", "root-empty"):
             log.info(
                 "the root %s is back; watching again, sweeping once it stops filling",
-                self.settings.root,
+                printable(str(self.settings.root)),
             )
             with self._watcher_lock:
                 self.watcher.forget_root()

@@ -22,6 +22,7 @@ from fswatch_sync.layout import AppKey, Scan, app_exists, root_present, scan_tre
 from fswatch_sync.records import Lease, SweepLog
 from fswatch_sync.settings import Settings
 from fswatch_sync.store import AppRow, Store, TaskChange
+from fswatch_sync.text import printable
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +246,7 @@ class Sweeper:
             log.warning(
                 "%d model directories could not be listed; their apps are left alone: %s",
                 len(scan.unreadable),
-                ", ".join(sorted(scan.unreadable)[:5]),
+                ", ".join(printable(slug) for slug in sorted(scan.unreadable)[:5]),
             )
         grace = timedelta(minutes=settings.app_grace_minutes)
         rows = store.app_rows(young_after=now - grace)

@@ -32,6 +32,7 @@ from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.polling import PollingObserver
 
 from fswatch_sync.layout import AppKey, key_for_path, model_dirs, slug_for_path
+from fswatch_sync.text import printable
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +219,7 @@ class Watcher:
             )
         except OSError as exc:
             # Gone again before it could be watched: the watch one level up reports that.
-            log.debug("cannot watch %s: %s", path, exc)
+            log.debug("cannot watch %s: %s", printable(str(path)), exc)
             return None
 
     def _watch_root_and_models(self) -> None:

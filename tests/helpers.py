@@ -311,7 +311,8 @@ def app_state(engine: Engine, app: SeededApp, source: str = "reactor") -> str:
         message = task["error_message"] or ""
         if task["status"] != "cancelled" or task["completed_at"] is None:
             return f"row gone but a task was not cancelled with a time: {task}"
-        if GONE_MESSAGE not in message or str(app.key) not in message:
+        named = f"{app.key.model_slug}/app{app.key.app_number}"  # the raw slug, not str()'s
+        if GONE_MESSAGE not in message or named not in message:
             return f"row gone but the message does not say the app is gone: {task}"
     sources = journal_sources(engine, app.key)
     if source not in sources:
