@@ -227,8 +227,10 @@ class ScriptedStore(Store):
             self.before(batch)
         if self.failures_left > 0 or len(self.calls) in self.fail_on_calls:
             self.failures_left = max(self.failures_left - 1, 0)
+            # Transient, as a database outage is once the store's own retries are spent.
             raise OperationalError(
-                "DELETE FROM generated_applications", {}, sqlite3.OperationalError("disk I/O error")
+                "DELETE FROM generated_applications", {},
+                sqlite3.OperationalError("database is locked"),
             )
         return super().remove_apps(batch, **options)
 
