@@ -215,7 +215,7 @@ def cmd_sweep(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
     except SweepRefused as exc:
         report = SweepReport(dry_run=args.dry_run, forced=args.force, refused=str(exc))
         code = EXIT_REFUSED
-        sys.stderr.write(f"{PROG}: refused: {exc}\n")
+        sys.stderr.write(f"{PROG}: refused: {printable(str(exc))}\n")
     if args.json:
         out.write(json.dumps(report.to_dict()) + "\n")
     elif code == EXIT_OK:
@@ -344,13 +344,14 @@ def main(
         configure_logging(settings.log_level)
         return COMMANDS[args.command](args, settings, out)
     except SettingsError as exc:
-        sys.stderr.write(f"{PROG}: error: {exc}\n")
+        sys.stderr.write(f"{PROG}: error: {printable(str(exc))}\n")
         return EXIT_SETTINGS
     except SweepRefused as exc:  # pragma: no cover - handled in cmd_sweep
-        sys.stderr.write(f"{PROG}: refused: {exc}\n")
+        sys.stderr.write(f"{PROG}: refused: {printable(str(exc))}\n")
         return EXIT_REFUSED
     except (RestoreConflict, LeaseUnavailable, FswatchSyncError) as exc:
-        sys.stderr.write(f"{PROG}: {exc}\n")
+        # A restore conflict names the app: one line whatever its slug holds.
+        sys.stderr.write(f"{PROG}: {printable(str(exc))}\n")
         return EXIT_FAILURE
     except SQLAlchemyError as exc:
         first = str(getattr(exc, "orig", None) or exc).strip().splitlines()

@@ -25,6 +25,7 @@ import pytest
 import sqlalchemy as sa
 from helpers import (
     SLUG,
+    add_app_row,
     app_keys,
     app_state,
     has_row,
@@ -243,16 +244,33 @@ def test_a_newline_in_a_slug_gives_one_log_line_and_one_journal_line(
     ]
     assert not any(line.startswith(FORGED[:10]) for line in lines.lines())
 
-    journal = subprocess.run(
-        [sys.executable, "-m", "fswatch_sync", "journal", "--root", str(apps_root),
-         "--database-url", url],
-        cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
-        env={k: v for k, v in os.environ.items() if not k.startswith("FSWATCH_SYNC_")},
-    )
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "fswatch_sync", *args, "--root", str(apps_root),
+             "--database-url", url],
+            cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+            env={k: v for k, v in os.environ.items() if not k.startswith("FSWATCH_SYNC_")},
+        )
+
+    journal = cli("journal")
     assert journal.returncode == 0, journal.stderr
     table = journal.stdout.splitlines()
     assert len(table) == 1 + 3, journal.stdout  # the header, the app and its two tasks
     assert all(f"evil\\n{FORGED}/app1" in line for line in table[1:]), journal.stdout
+
+    # The app is regenerated: restoring its old row is refused with a message naming it.
+    add_app_row(probe, evil.key)
+    j = journal_table.c
+    with probe.connect() as connection:
+        (entry,) = connection.execute(
+            sa.select(j.id).where(j.action == "app_removed", j.model_slug == NEWLINE_SLUG)
+        ).one()
+    restore = cli("restore", "--id", str(entry))
+    assert restore.returncode == 1, (restore.stdout, restore.stderr)
+    assert restore.stderr.splitlines() == [
+        f"fswatch-sync: journal entry {entry}: app evil\\n{FORGED}/app1 has a new row now"
+        " (regenerated?)"
+    ]
 
 
 def test_the_daemons_log_format_keeps_each_record_on_one_line(
