@@ -254,7 +254,7 @@ class Reactor:
             except Exception as exc:
                 if db.is_transient(exc):
                     raise  # the database's trouble, not a key's: the whole batch waits
-                self._isolate(part)
+                self._isolate(part, exc)
             keys.difference_update(part)
 
     def _remove(self, keys: Sequence[AppKey]) -> None:
@@ -270,28 +270,24 @@ class Reactor:
             self._cleared(key)
         self._report(outcome)
 
-    def _isolate(self, keys: Sequence[AppKey]) -> None:
-        """``keys`` failed together: apply them in halves, down to each failing key alone.
+    def _isolate(self, keys: Sequence[AppKey], exc: Exception) -> None:
+        """``keys`` failed together with ``exc``: apply them in halves, down to each failing key
+        alone (which becomes a suspect).
 
         A transient error on the way stops the search; what it had not tried yet goes back to
         the queue with the batch (the run loop's backoff).
         """
         if len(keys) == 1:
-            try:
-                self._remove(keys)
-            except Exception as exc:
-                if db.is_transient(exc):
-                    raise
-                self._suspect(keys[0], exc)
+            self._suspect(keys[0], exc)
             return
         middle = len(keys) // 2
         for half in (keys[:middle], keys[middle:]):
             try:
                 self._remove(half)
-            except Exception as exc:
-                if db.is_transient(exc):
+            except Exception as failure:
+                if db.is_transient(failure):
                     raise
-                self._isolate(half)
+                self._isolate(half, failure)
 
     def _suspect(self, key: AppKey, exc: Exception) -> None:
         with self._condition:

@@ -44,6 +44,7 @@ from fswatch_sync.layout import AppKey
 from fswatch_sync.schema import journal_table
 from fswatch_sync.store import Store
 from fswatch_sync.sweep import Sweeper
+from fswatch_sync.text import printable
 from fswatch_sync.watcher import AppGone
 
 # Legal directory names an older slug rule refused (``~``, ``\``) or that carry what a printed
@@ -287,3 +288,20 @@ def test_the_daemons_log_format_keeps_each_record_on_one_line(
         package.handlers[:], package.level, package.propagate = saved
     (line,) = capsys.readouterr().err.splitlines()
     assert line.endswith(f"WARNING fswatch_sync.test: cannot remove evil\\n{FORGED}/app1")
+
+
+@pytest.mark.parametrize(
+    ("name", "shown"),
+    [
+        ("openai_gpt-4", "openai_gpt-4"),
+        ("модель a\\b ~user", "модель a\\b ~user"),  # printable: as it is
+        ("a\nb\rc\td", "a\\nb\\rc\\td"),
+        ("\x1b[31mred\x7f", "\\x1b[31mred\\x7f"),
+        ("line\u2028sep\u0085", "line\\u2028sep\\x85"),
+        ("bad\udcffbyte", "bad\\udcffbyte"),  # a non-UTF-8 byte, as os.fsdecode gives it
+        ("\U000e0041tag", "\\U000e0041tag"),
+    ],
+)
+def test_printable_escapes_exactly_what_is_not_printable(name: str, shown: str) -> None:
+    assert printable(name) == shown
+    assert len(printable(name).splitlines()) == 1

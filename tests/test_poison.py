@@ -12,18 +12,22 @@ PostgreSQL and MariaDB, with a real watchdog observer.
 from __future__ import annotations
 
 import shutil
+import sqlite3
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from helpers import (
+    APPS,
     OTHER_SLUG,
     SLUG,
     TASKS,
     ScriptedStore,
+    app_keys,
     app_state,
     has_row,
     init_database,
@@ -42,6 +46,7 @@ from fswatch_sync.layout import AppKey
 from fswatch_sync.reactor import Reactor
 from fswatch_sync.schema import SchemaConfig, default_host_metadata
 from fswatch_sync.stats import Stats
+from fswatch_sync.store import RemovalOutcome, Store
 from fswatch_sync.watcher import AppGone
 
 POISON = AppKey(SLUG, 666)
@@ -147,3 +152,63 @@ def test_a_transient_failure_still_holds_the_whole_batch(
     assert store.calls == [gone, gone, gone]
     assert reactor.poison_keys() == []
     assert [app_state(probe, app) for app in apps] == ["removed", "removed", "untouched"]
+
+
+class _RefusingStore(Store):
+    """A real store on which every transaction touching one key fails as a CHECK would."""
+
+    def __init__(self, engine: Engine, refused: AppKey) -> None:
+        super().__init__(engine)
+        self.refused = refused
+        self.calls: list[list[AppKey]] = []
+
+    def remove_apps(self, keys: Any, **kwargs: Any) -> RemovalOutcome:
+        batch = sorted(keys)
+        self.calls.append(batch)
+        if self.refused in batch:
+            raise sa.exc.IntegrityError(
+                "UPDATE analysis_tasks", {}, sqlite3.IntegrityError("CHECK constraint failed")
+            )
+        return super().remove_apps(batch, **kwargs)
+
+
+def test_the_bad_key_is_found_by_halving_not_one_by_one(
+    url: str, apps_root: Path, probe: Engine
+) -> None:
+    keys = [AppKey(SLUG, n) for n in range(64)]
+    for key in keys:
+        (apps_root / SLUG / f"app{key.app_number}").mkdir(parents=True)
+    (apps_root / OTHER_SLUG / "app1").mkdir(parents=True)  # stays: the root is not empty
+    insert_rows = [{"model_slug": k.model_slug, "app_number": k.app_number} for k in keys]
+    with probe.begin() as connection:
+        connection.execute(sa.insert(APPS), insert_rows)
+    engine = db.create_engine(url)
+    store = _RefusingStore(engine, refused=keys[37])
+    reactor = Reactor(
+        store, apps_root, sender="test", stats=Stats(),
+        request_sweep=lambda _trigger: None, root_unusable=lambda _reason: None,
+    )
+    shutil.rmtree(apps_root / SLUG)
+    for key in keys:
+        reactor.submit(AppGone(key))
+    stop = threading.Event()
+    thread = threading.Thread(target=reactor.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: app_keys(probe) == {keys[37]}, what="all but the bad key removed")
+        wait_until(lambda: reactor.poison_keys() == [keys[37]], what="the bad key isolated")
+    finally:
+        stop.set()
+        reactor.wake()
+        thread.join(timeout=5)
+        engine.dispose()
+    # The whole batch, then both halves at each of six levels (64 = 2**6): 13 transactions,
+    # not 64; later calls are the bad key's lone retries.
+    first_round = store.calls[:13]
+    assert first_round[0] == keys
+    assert sorted(len(batch) for batch in first_round[1:]) == [1, 1, 2, 2, 4, 4, 8, 8, 16, 16,
+                                                                32, 32]
+    # The halves that went through hold every good key exactly once.
+    applied = [batch for batch in first_round[1:] if keys[37] not in batch]
+    assert sorted(key for batch in applied for key in batch) == keys[:37] + keys[38:]
+    assert all(batch == [keys[37]] for batch in store.calls[13:])
