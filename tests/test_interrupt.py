@@ -105,7 +105,8 @@ def test_stopping_the_service_during_a_sweep_interrupts_it(
     assert sweep["finished_at"] is not None
     left = _orphans_left(probe)
     assert 0 < left < ORPHANS - 5, "stopped part-way"
-    assert took < 2.0, f"stop took {took:.1f}s: the sweep did not stop at its next commit"
+    # Well under the 3 s the stop waits for a thread before giving up on it.
+    assert took < 2.5, f"stop took {took:.1f}s: the sweep did not stop at its next commit"
     # Nothing more happens after the stop.
     assert _orphans_left(probe) == left
 
