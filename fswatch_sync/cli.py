@@ -27,6 +27,7 @@ from fswatch_sync.layout import is_safe_slug, parse_app_dir_name
 from fswatch_sync.settings import SECRET_SETTINGS, SPECS, Settings, load_settings, redact_url
 from fswatch_sync.store import Store
 from fswatch_sync.sweep import Sweeper, SweepReport
+from fswatch_sync.text import printable
 
 PROG = "fswatch-sync"
 EXIT_OK, EXIT_FAILURE, EXIT_SETTINGS, EXIT_REFUSED = 0, 1, 2, 3
@@ -129,9 +130,18 @@ def _selection(args: argparse.Namespace) -> journal.Selection:
     )
 
 
+class _OneLineFormatter(logging.Formatter):
+    """Each record's message on one line, whatever name or error text went into it (only a
+    traceback, appended after the message, spans lines)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+
 def configure_logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(_OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("fswatch_sync")
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -172,9 +182,11 @@ def open_store(settings: Settings) -> Store:
 def _print_table(rows: Sequence[Sequence[Any]], out: TextIO) -> None:
     if not rows:
         return
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        cells = [str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)]
+    # A name may hold a newline or a terminal escape: one table row is one line, whatever it holds.
+    shown = [[printable(str(cell)) for cell in row] for row in rows]
+    widths = [max(len(row[i]) for row in shown) for i in range(len(rows[0]))]
+    for row in shown:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=True)]
         out.write("  ".join(cells).rstrip() + "\n")
 
 
@@ -203,7 +215,7 @@ def cmd_sweep(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
     except SweepRefused as exc:
         report = SweepReport(dry_run=args.dry_run, forced=args.force, refused=str(exc))
         code = EXIT_REFUSED
-        sys.stderr.write(f"{PROG}: refused: {exc}\n")
+        sys.stderr.write(f"{PROG}: refused: {printable(str(exc))}\n")
     if args.json:
         out.write(json.dumps(report.to_dict()) + "\n")
     elif code == EXIT_OK:
@@ -252,7 +264,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings, out: TextIO) -> int
             "sweep_lease_holder": lease_holder,
         }, default=str) + "\n")
         return EXIT_OK
-    out.write(f"database  {settings.redacted_database_url()}\nroot      {settings.root}\n\n")
+    out.write(f"database  {printable(settings.redacted_database_url())}\n"
+              f"root      {printable(str(settings.root))}\n\n")
     live = [i for i in found if i["live"]]
     out.write(f"instances ({len(live)} live)\n")
     _print_table(
@@ -331,13 +344,14 @@ def main(
         configure_logging(settings.log_level)
         return COMMANDS[args.command](args, settings, out)
     except SettingsError as exc:
-        sys.stderr.write(f"{PROG}: error: {exc}\n")
+        sys.stderr.write(f"{PROG}: error: {printable(str(exc))}\n")
         return EXIT_SETTINGS
     except SweepRefused as exc:  # pragma: no cover - handled in cmd_sweep
-        sys.stderr.write(f"{PROG}: refused: {exc}\n")
+        sys.stderr.write(f"{PROG}: refused: {printable(str(exc))}\n")
         return EXIT_REFUSED
     except (RestoreConflict, LeaseUnavailable, FswatchSyncError) as exc:
-        sys.stderr.write(f"{PROG}: {exc}\n")
+        # A restore conflict names the app: one line whatever its slug holds.
+        sys.stderr.write(f"{PROG}: {printable(str(exc))}\n")
         return EXIT_FAILURE
     except SQLAlchemyError as exc:
         first = str(getattr(exc, "orig", None) or exc).strip().splitlines()

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from tenacity import (
     RetryCallState,
     retry,
@@ -39,6 +39,17 @@ _PG_TRANSIENT = {"40001", "40P01", "55P03", "57P01", "57P02", "57P03"}
 # MySQL/MariaDB: deadlock, lock wait timeout, server gone, lost connection, can't connect,
 # connection killed, query interrupted.
 _MYSQL_TRANSIENT = {1205, 1213, 2002, 2003, 2006, 2013, 2055, 1927, 1317, 4031}
+# A PostgreSQL driver's OperationalError with no SQLSTATE comes from the client library: the
+# connection was refused, timed out, or closed under it (a restart, a failover), all of which
+# another try may not meet. The exceptions are what the server refused for good at log-in.
+_PG_DRIVERS = ("psycopg", "psycopg2")
+_PG_PERMANENT_AT_CONNECT = (
+    "authentication",
+    "password",
+    "does not exist",
+    "pg_hba.conf",
+    "permission denied",
+)
 
 
 def create_engine(
@@ -144,10 +155,27 @@ def is_transient(exc: BaseException) -> bool:
     sqlstate = getattr(orig, "sqlstate", None)
     if isinstance(sqlstate, str):
         return sqlstate in _PG_TRANSIENT or sqlstate.startswith("08")
+    if _is_pg_client_error(exc):
+        text = str(orig).lower()
+        return not any(phrase in text for phrase in _PG_PERMANENT_AT_CONNECT)
     args = getattr(orig, "args", ())
     if args and isinstance(args[0], int):
         return args[0] in _MYSQL_TRANSIENT
     return False
+
+
+def _is_pg_client_error(exc: DBAPIError) -> bool:
+    """A PostgreSQL driver's OperationalError (or subclass) that carries no SQLSTATE."""
+    orig = exc.orig
+    from_pg_driver = any(
+        cls.__name__ == "OperationalError" and cls.__module__.split(".")[0] in _PG_DRIVERS
+        for cls in type(orig).__mro__
+    )
+    return (
+        isinstance(exc, OperationalError)
+        and from_pg_driver
+        and getattr(orig, "sqlstate", getattr(orig, "pgcode", None)) is None
+    )
 
 
 class StaleRead(Exception):

@@ -24,5 +24,10 @@ class RestoreConflict(FswatchSyncError):
     """A restore would collide with rows that exist now; nothing was restored."""
 
 
+class SweepInterrupted(FswatchSyncError):
+    """The sweep was stopped between two batches (the instance is shutting down); every batch
+    is either committed whole or rolled back, and the next sweep finishes the work."""
+
+
 class LeaseUnavailable(FswatchSyncError):
     """Another instance holds the maintenance lease, so this one may not sweep now."""

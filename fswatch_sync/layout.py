@@ -2,7 +2,9 @@
 
 Parsing is pure; the few helpers that touch the disk never follow a symbolic link and never read
 outside the root: a slug that could escape it (``/``, ``..``, NUL, absolute) never names a
-directory, so such an app is simply absent.
+directory, so such an app is simply absent. Any other name the filesystem can hold is a slug —
+``~user``, ``a\\b``, spaces, newlines — since a directory that exists under such a name must never
+be taken for an orphan.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
-# The database column is a 32-bit INTEGER on every supported backend: a larger number can never
-# be a row, so a directory carrying one is not an app.
-MAX_APP_NUMBER = 2**31 - 1
-_APP_DIR = re.compile(r"app(0|[1-9][0-9]{0,9})", re.ASCII)
+from fswatch_sync.text import printable
+
+# The widest app-number column a host can have (and the journal's) is a signed 64-bit BIGINT: a
+# larger number can never be a row, so a directory carrying one is not an app.
+MAX_APP_NUMBER = 2**63 - 1
+_APP_DIR = re.compile(r"app(0|[1-9][0-9]{0,18})", re.ASCII)
 
 
 class AppKey(NamedTuple):
@@ -28,7 +32,9 @@ class AppKey(NamedTuple):
     app_number: int
 
     def __str__(self) -> str:
-        return f"{self.model_slug}/app{self.app_number}"
+        # The display form, for logs and tables: control characters in a slug are escaped so a
+        # name can never forge a line. Anything that needs the real slug uses ``model_slug``.
+        return f"{printable(self.model_slug)}/app{self.app_number}"
 
 
 def parse_app_dir_name(name: str) -> int | None:
@@ -41,15 +47,19 @@ def parse_app_dir_name(name: str) -> int | None:
 
 
 def is_safe_slug(slug: str) -> bool:
-    """True when ``slug`` names exactly one directory directly inside the root."""
+    """True when ``slug`` names exactly one directory directly inside the root.
+
+    That is any single path component: no separator, not ``.`` or ``..``, no NUL. Nothing else is
+    excluded — no tilde or shell expansion ever happens to a path built here, and a backslash is
+    an ordinary character on POSIX.
+    """
     return (
         bool(slug)
         and slug not in (".", "..")
         and "/" not in slug
-        and "\\" not in slug
-        and "\x00" not in slug
         and os.sep not in slug
-        and not slug.startswith("~")
+        and (os.altsep is None or os.altsep not in slug)
+        and "\x00" not in slug
         and _is_utf8(slug)
     )
 
@@ -98,16 +108,20 @@ def slug_for_path(root: Path, path: str | os.PathLike[str]) -> str | None:
 _ABSENT = (FileNotFoundError, NotADirectoryError)
 
 
+def _proves_absence(exc: OSError) -> bool:
+    # ENAMETOOLONG: no directory can carry a name longer than the filesystem allows, so a row
+    # with such a slug (a host column may be wider than NAME_MAX) has no directory.
+    return isinstance(exc, _ABSENT) or exc.errno == errno.ENAMETOOLONG
+
+
 def _dir_state(path: Path, *, follow: bool) -> bool | None:
     """True: a directory; False: provably not one (absent, a file, a symlink); None: unknown."""
     try:
         mode = (os.stat if follow else os.lstat)(path).st_mode
-    except _ABSENT:
-        return False
     except ValueError:
         return False
-    except OSError:
-        return None
+    except OSError as exc:
+        return False if _proves_absence(exc) else None
     return stat.S_ISDIR(mode)
 
 
@@ -139,18 +153,15 @@ def _app_state(model: Path, name: str) -> bool | None:
     directory swapped for a symlink meanwhile never leads the lookup outside the root."""
     try:
         handle = os.open(model, _DIR_HANDLE_FLAGS)
-    except _ABSENT:
-        return False
     except OSError as exc:
-        return False if exc.errno == errno.ELOOP else None  # ELOOP: a symlink, not a dir
+        # ELOOP: a symlink, not a directory.
+        return False if _proves_absence(exc) or exc.errno == errno.ELOOP else None
     except ValueError:
         return False
     try:
         mode = os.lstat(name, dir_fd=handle).st_mode
-    except _ABSENT:
-        return False
-    except OSError:
-        return None
+    except OSError as exc:
+        return False if _proves_absence(exc) else None
     finally:
         os.close(handle)
     return stat.S_ISDIR(mode)

@@ -3,6 +3,12 @@
 Hints are never forgotten: a batch the database refused stays queued and is tried again with
 backoff; only when the queue would grow past its bound are the hints dropped, and a full sweep —
 which finds everything they named — is asked for instead.
+
+One bad key never holds the others back. A transient failure (the database is away, locked) is
+the database's, not a key's: the whole batch waits and is tried again. Any other failure may be
+one row the database refuses (a host's CHECK constraint or trigger, a value out of range): the
+batch is split in halves until each failing key stands alone, the rest are applied at once, and
+each bad key is retried on its own backoff, counted (``poison_keys``) and logged once.
 """
 
 from __future__ import annotations
@@ -10,7 +16,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -25,6 +32,27 @@ log = logging.getLogger(__name__)
 
 MAX_SETTLE_SECONDS = 0.5
 MAX_BACKOFF_SECONDS = 30.0
+FIRST_BACKOFF_SECONDS = 0.1
+# How many isolated keys the status names (the count covers them all).
+SHOWN_POISON_KEYS = 5
+
+
+@dataclass
+class _Suspect:
+    """A key whose removal failed alone, with its own backoff."""
+
+    failures: int
+    retry_at: float
+    error: str
+
+
+def _backoff(failures: int) -> float:
+    return float(min(FIRST_BACKOFF_SECONDS * 2 ** max(failures - 1, 0), MAX_BACKOFF_SECONDS))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class Reactor:
@@ -59,6 +87,8 @@ class Reactor:
         self._condition = threading.Condition()
         self._keys: set[AppKey] = set()
         self._slugs: set[str] = set()
+        # Keys whose removal failed alone: each waits for its own retry, apart from the queue.
+        self._suspects: dict[AppKey, _Suspect] = {}
         self._last_hint = 0.0
         self._backoff = 0.0
         self._retry_at = 0.0
@@ -68,25 +98,30 @@ class Reactor:
     def submit(self, hint: Hint) -> None:
         with self._condition:
             if isinstance(hint, AppGone):
-                self._keys.add(hint.key)
+                if hint.key not in self._suspects:  # already due for its own retry
+                    self._keys.add(hint.key)
             elif isinstance(hint, ModelGone):
                 self._slugs.add(hint.slug)
             self.stats.add("events_handled")
-            if len(self._keys) + len(self._slugs) > self.max_pending:
+            if self._queued() > self.max_pending:
                 log.warning(
                     "more than %d removals queued; dropping them for a full sweep",
                     self.max_pending,
                 )
-                self._keys.clear()
-                self._slugs.clear()
+                self._drop_all()
                 self.request_sweep("overflow")
-            self.stats.set("queue_depth", len(self._keys) + len(self._slugs))
+            self._publish()
             self._last_hint = time.monotonic()
             self._condition.notify()
 
     def pending(self) -> int:
         with self._condition:
-            return len(self._keys) + len(self._slugs)
+            return self._queued()
+
+    def poison_keys(self) -> list[AppKey]:
+        """The keys being retried on their own after their removal failed alone."""
+        with self._condition:
+            return sorted(self._suspects)
 
     def wake(self) -> None:
         """Wake the reactor's thread (to see that its stop event is set)."""
@@ -95,9 +130,24 @@ class Reactor:
 
     def discard_pending(self) -> None:
         with self._condition:
-            self._keys.clear()
-            self._slugs.clear()
-            self.stats.set("queue_depth", 0)
+            self._drop_all()
+            self._publish()
+
+    # Called with the condition held.
+    def _queued(self) -> int:
+        return len(self._keys) + len(self._slugs) + len(self._suspects)
+
+    def _drop_all(self) -> None:
+        self._keys.clear()
+        self._slugs.clear()
+        self._suspects.clear()
+
+    def _publish(self) -> None:
+        self.stats.set("queue_depth", self._queued())
+        self.stats.set("poison_keys", len(self._suspects))
+        self.stats.set(
+            "poison", [str(key) for key in sorted(self._suspects)[:SHOWN_POISON_KEYS]]
+        )
 
     # -- consumer side (the reactor's thread) -----------------------------------------------------
 
@@ -110,48 +160,67 @@ class Reactor:
             try:
                 self._apply(keys, slugs)
             except Exception as exc:
-                self._requeue(keys, slugs)
                 self.stats.add("errors")
-                self._backoff = min(max(self._backoff * 2, 0.1), MAX_BACKOFF_SECONDS)
+                self._backoff = min(max(self._backoff * 2, FIRST_BACKOFF_SECONDS),
+                                    MAX_BACKOFF_SECONDS)
                 self._retry_at = time.monotonic() + self._backoff
+                self._requeue(keys, slugs)
                 log.warning(
                     "could not apply %d removal(s), retrying in %.1fs: %s",
                     len(keys) + len(slugs),
                     self._backoff,
-                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                    _first_line(exc),
                 )
             else:
                 self._backoff = 0.0
 
     def _next_batch(self, stop: threading.Event) -> tuple[set[AppKey], set[str]] | None:
+        """The queued hints once they may be tried (settled, past the backoff), together with
+        the suspects whose own retry is due; None when stopping."""
         with self._condition:
-            while not (self._keys or self._slugs) or time.monotonic() < self._retry_at:
+            while True:
                 if stop.is_set():
                     return None
-                wait = 1.0 if not (self._keys or self._slugs) else self._retry_at - time.monotonic()
-                self._condition.wait(timeout=max(min(wait, 1.0), 0.001))
-            # Let a burst settle: wait until no hint arrived for the settle window, bounded.
-            first = time.monotonic()
-            while not stop.is_set():
-                quiet_for = time.monotonic() - self._last_hint
-                settled = time.monotonic() - first > MAX_SETTLE_SECONDS
-                if quiet_for >= self.settle_seconds or settled:
+                now = time.monotonic()
+                queued = bool(self._keys or self._slugs)
+                if queued and now >= self._retry_at:
                     break
-                self._condition.wait(timeout=self.settle_seconds - quiet_for)
-            keys, slugs = self._keys, self._slugs
-            self._keys, self._slugs = set(), set()
-            self.stats.set("queue_depth", 0)
+                if any(s.retry_at <= now for s in self._suspects.values()):
+                    break
+                deadlines = [s.retry_at for s in self._suspects.values()]
+                if queued:
+                    deadlines.append(self._retry_at)
+                wait = min(deadlines) - now if deadlines else 1.0
+                self._condition.wait(timeout=max(min(wait, 1.0), 0.001))
+            keys: set[AppKey] = set()
+            slugs: set[str] = set()
+            if queued and time.monotonic() >= self._retry_at:
+                # Let a burst settle: wait until no hint arrived for the settle window, bounded.
+                first = time.monotonic()
+                while not stop.is_set():
+                    quiet_for = time.monotonic() - self._last_hint
+                    settled = time.monotonic() - first > MAX_SETTLE_SECONDS
+                    if quiet_for >= self.settle_seconds or settled:
+                        break
+                    self._condition.wait(timeout=self.settle_seconds - quiet_for)
+                keys, slugs = self._keys, self._slugs
+                self._keys, self._slugs = set(), set()
+            now = time.monotonic()
+            keys.update(key for key, s in self._suspects.items() if s.retry_at <= now)
+            self._publish()
             return keys, slugs
 
     def _requeue(self, keys: set[AppKey], slugs: set[str]) -> None:
         with self._condition:
-            self._keys |= keys
+            self._keys |= keys - self._suspects.keys()
             self._slugs |= slugs
-            if len(self._keys) + len(self._slugs) > self.max_pending:
-                self._keys.clear()
-                self._slugs.clear()
+            for key in keys & self._suspects.keys():  # not before the batch they failed with
+                suspect = self._suspects[key]
+                suspect.retry_at = max(suspect.retry_at, self._retry_at)
+            if self._queued() > self.max_pending:
+                self._drop_all()
                 self.request_sweep("overflow")
-            self.stats.set("queue_depth", len(self._keys) + len(self._slugs))
+            self._publish()
 
     def _apply(self, keys: set[AppKey], slugs: set[str]) -> None:
         """Remove the rows of the apps that are really gone, a store batch at a time.
@@ -162,27 +231,99 @@ class Reactor:
         if not root_present(self.root, self.root_marker):
             # An unmounted or deleted root says nothing about the apps: act on nothing; the
             # sweep after the root's return reconciles everything.
+            self._forget(keys)
             self.root_unusable("root-missing")
             return
         if not any_app_dir(self.root):
+            self._forget(keys)
             self.root_unusable("root-empty")
             return
         for slug in sorted(slugs):
-            keys.update(self.store.app_keys_for_slug(slug))
+            found = self.store.app_keys_for_slug(slug)
+            with self._condition:
+                # A suspect of this model keeps its own schedule.
+                keys.update(key for key in found if key not in self._suspects)
             slugs.discard(slug)
         absent = sorted(key for key in keys if not app_exists(self.root, key))
-        keys.intersection_update(absent)  # the rest are back on disk: nothing to do
+        for key in keys.difference(absent):  # back on disk: nothing to do, nothing suspect
+            self._cleared(key)
+        keys.intersection_update(absent)
         for part in chunks(absent, max(self.store.batch_size, 1)):
-            outcome = self.store.remove_apps(
-                part,
-                source="reactor",
-                now=db.utcnow(),
-                still_absent=lambda key: not app_exists(self.root, key),
-                missing_grace=self.missing_grace,
-                cancel_when_missing=self.cancel_when_missing,
-            )
+            try:
+                self._remove(part)
+            except Exception as exc:
+                if db.is_transient(exc):
+                    raise  # the database's trouble, not a key's: the whole batch waits
+                self._isolate(part, exc)
             keys.difference_update(part)
-            self._report(outcome)
+
+    def _remove(self, keys: Sequence[AppKey]) -> None:
+        outcome = self.store.remove_apps(
+            keys,
+            source="reactor",
+            now=db.utcnow(),
+            still_absent=lambda key: not app_exists(self.root, key),
+            missing_grace=self.missing_grace,
+            cancel_when_missing=self.cancel_when_missing,
+        )
+        for key in keys:
+            self._cleared(key)
+        self._report(outcome)
+
+    def _isolate(self, keys: Sequence[AppKey], exc: Exception) -> None:
+        """``keys`` failed together with ``exc``: apply them in halves, down to each failing key
+        alone (which becomes a suspect).
+
+        A transient error on the way stops the search; what it had not tried yet goes back to
+        the queue with the batch (the run loop's backoff).
+        """
+        if len(keys) == 1:
+            self._suspect(keys[0], exc)
+            return
+        middle = len(keys) // 2
+        for half in (keys[:middle], keys[middle:]):
+            try:
+                self._remove(half)
+            except Exception as failure:
+                if db.is_transient(failure):
+                    raise
+                self._isolate(half, failure)
+
+    def _suspect(self, key: AppKey, exc: Exception) -> None:
+        with self._condition:
+            previous = self._suspects.get(key)
+            failures = 1 if previous is None else previous.failures + 1
+            backoff = _backoff(failures)
+            self._suspects[key] = _Suspect(failures, time.monotonic() + backoff, _first_line(exc))
+            self._keys.discard(key)
+            self._publish()
+        self.stats.add("errors")
+        self.stats.add("poison_failures")
+        if previous is None:
+            log.warning(
+                "the removal of %s fails on its own; the others go on, it is retried alone"
+                " with backoff: %s",
+                key,
+                _first_line(exc),
+            )
+        else:
+            log.debug("the removal of %s failed again (%d times), next try in %.1fs",
+                      key, failures, backoff)
+
+    def _forget(self, keys: set[AppKey]) -> None:
+        """Drop suspects among ``keys`` (left, like the queue, to the sweep)."""
+        with self._condition:
+            for key in keys:
+                self._suspects.pop(key, None)
+            self._publish()
+
+    def _cleared(self, key: AppKey) -> None:
+        with self._condition:
+            previous = self._suspects.pop(key, None)
+            if previous is not None:
+                self._publish()
+        if previous is not None:
+            log.info("the removal of %s went through after %d failures", key, previous.failures)
 
     def _report(self, outcome: RemovalOutcome) -> None:
         self.stats.add("apps_removed", len(outcome.removed))

@@ -209,6 +209,17 @@ class SweepLog:
             )
 
 
+    def interrupted(self, sweep_id: int, *, now: datetime) -> None:
+        """Mark a sweep still recorded as running as interrupted (its thread did not stop)."""
+        with self.engine.begin() as connection:
+            connection.execute(
+                sa.update(sweeps_table)
+                .where(sweeps_table.c.id == sweep_id, sweeps_table.c.outcome == "running")
+                .values(finished_at=db.to_db_time(now), outcome="interrupted",
+                        message="interrupted: the instance stopped during the sweep")
+            )
+
+
 def recent_sweeps(engine: Engine, limit: int = 10) -> list[dict[str, Any]]:
     with db.read_only(engine).connect() as connection:
         rows = connection.execute(

@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from fswatch_sync import db, records, signals
-from fswatch_sync.errors import LeaseUnavailable, SweepRefused
+from fswatch_sync.errors import LeaseUnavailable, SweepInterrupted, SweepRefused
 from fswatch_sync.layout import any_app_dir, root_present, scan_apps
 from fswatch_sync.reactor import Reactor
 from fswatch_sync.records import LeaseLost
@@ -29,6 +29,7 @@ from fswatch_sync.settings import Settings, describe
 from fswatch_sync.stats import Stats
 from fswatch_sync.store import Store
 from fswatch_sync.sweep import Sweeper, SweepReport
+from fswatch_sync.text import printable
 from fswatch_sync.watcher import Watcher, choose_observer_kind
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ class Service:
         self.store.validate()
         self.started_at = db.utcnow()
         self._stop.clear()
+        self.sweeper.interrupted.clear()
         try:
             self.watcher.start()
             self._update_root_state()
@@ -157,7 +159,7 @@ class Service:
         log.info(
             "started %s: root %s, database %s, %s observer",
             self.instance_id,
-            self.settings.root,
+            printable(str(self.settings.root)),
             self.settings.redacted_database_url(),
             self.observer_kind,
         )
@@ -167,6 +169,9 @@ class Service:
         if not self._threads:
             return
         self._stop.set()
+        # A sweep in progress stops at its next commit (that batch rolled back), records itself
+        # as interrupted and gives the lease up: another instance need not wait for it to expire.
+        self.sweeper.interrupt()
         self._sweep_wanted.set()
         self._root_changed.set()
         self.reactor.wake()
@@ -182,15 +187,25 @@ class Service:
             self.watcher.stop()
         self._threads = []
         self.stats.set("watch_state", "stopped")
-        self._record_stop(max(started + STOP_TOTAL_SECONDS - time.monotonic(), 0.5))
+        self._record_stop(
+            max(started + STOP_TOTAL_SECONDS - time.monotonic(), 0.5),
+            # Still waiting on the database: it cannot commit any more, but neither can it say
+            # so; this thread does, and frees the lease.
+            abandon_sweep="fswatch-sync-sweeper" in stuck,
+        )
         if self._owns_engine:
             self.store.engine.dispose()
         log.info("stopped %s", self.instance_id)
 
-    def _record_stop(self, limit: float) -> None:
+    def _record_stop(self, limit: float, *, abandon_sweep: bool = False) -> None:
         """The last heartbeat (state stopped), given at most ``limit`` seconds."""
 
         def record() -> None:
+            if abandon_sweep:
+                try:
+                    self.sweeper.abandon()
+                except Exception:
+                    log.warning("could not record the interrupted sweep", exc_info=True)
             try:
                 self._heartbeat(state="stopped")
             except Exception:
@@ -338,6 +353,8 @@ class Service:
             return False
         except SweepRefused:
             pass  # the sweeper logged why; nothing was changed
+        except SweepInterrupted:
+            log.info("sweep (%s) interrupted: the service is stopping", trigger)
         except Exception:
             self.stats.add("errors")
             log.exception("sweep (%s) failed; trying again later", trigger)
@@ -375,10 +392,11 @@ class Service:
         if problem is not None:
             self._root_back = None
             self.reactor.discard_pending()
+            root = printable(str(self.settings.root))
             detail = (
-                f"the root {self.settings.root} is missing or not mounted; removing nothing"
+                f"the root {root} is missing or not mounted; removing nothing"
                 if problem == "root-missing"
-                else f"the root {self.settings.root} has no app directory while app rows exist;"
+                else f"the root {root} has no app directory while app rows exist;"
                 " removing nothing"
             )
             log.warning("%s", detail)
@@ -386,7 +404,7 @@ class Service:
         elif previous in ("root-missing", "root-empty"):
             log.info(
                 "the root %s is back; watching again, sweeping once it stops filling",
-                self.settings.root,
+                printable(str(self.settings.root)),
             )
             with self._watcher_lock:
                 self.watcher.forget_root()

@@ -10,18 +10,22 @@ exactly what a real run would do.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy.engine import Connection
+
 from fswatch_sync import announce, db, rules, signals
-from fswatch_sync.errors import SweepRefused
+from fswatch_sync.errors import SweepInterrupted, SweepRefused
 from fswatch_sync.layout import AppKey, Scan, app_exists, root_present, scan_tree
 from fswatch_sync.records import Lease, SweepLog
 from fswatch_sync.settings import Settings
 from fswatch_sync.store import AppRow, Store, TaskChange
+from fswatch_sync.text import printable
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +162,32 @@ class Sweeper:
         self.lease = Lease(
             store.engine, instance_id, duration_seconds=settings.lease_seconds
         )
+        # Set by interrupt(): the running sweep stops at its next commit, rolled back.
+        self.interrupted = threading.Event()
+        self._current: int | None = None  # the sweeps row of the sweep in progress
+
+    def interrupt(self) -> None:
+        """Stop the sweep in progress (if any) before its next commit; see :meth:`abandon`."""
+        self.interrupted.set()
+
+    def abandon(self) -> None:
+        """For a sweep that did not stop in time (a statement still waiting on the database):
+        record it as interrupted and give the lease up now. Its thread can commit nothing
+        more, since :meth:`interrupt` was called first."""
+        sweep_id = self._current
+        if sweep_id is not None:
+            self.sweep_log.interrupted(sweep_id, now=db.utcnow())
+            self.lease.release()
+
+    def _commit_check(self, connection: Connection) -> None:
+        if self.interrupted.is_set():
+            raise SweepInterrupted("the sweep was interrupted (the instance is stopping)")
+        self.lease.check_and_extend(connection)
+
+    def _renew(self) -> None:
+        if self.interrupted.is_set():
+            raise SweepInterrupted("the sweep was interrupted (the instance is stopping)")
+        self.lease.renew_if_due()
 
     def run(
         self,
@@ -167,7 +197,10 @@ class Sweeper:
         force: bool = False,
         trigger: str = "manual",
     ) -> SweepReport:
-        """One full pass. Raises SweepRefused (nothing changed) or LeaseUnavailable."""
+        """One full pass. Raises SweepRefused (nothing changed), LeaseUnavailable, or
+        SweepInterrupted (stopped part-way, each batch whole)."""
+        if self.interrupted.is_set():
+            raise SweepInterrupted("the sweep was interrupted (the instance is stopping)")
         # The lease first: taking it may wait for the previous holder's last transaction, and
         # the recorded started_at must not precede the moment this sweep held the lease.
         # A dry run changes nothing, not even the tool's own bookkeeping: no lease, no history.
@@ -185,10 +218,14 @@ class Sweeper:
             sweep_id = None if dry_run else self.sweep_log.started(
                 trigger=trigger, dry_run=dry_run, forced=force, now=moment
             )
+            self._current = sweep_id
             outcome, message = "failed", None
             try:
                 self._passes(report, moment, dry_run=dry_run, force=force)
                 outcome = "ok"
+            except SweepInterrupted as exc:
+                outcome, message = "interrupted", str(exc)
+                raise
             except SweepRefused as exc:
                 outcome, message = "refused", str(exc)
                 report.refused = str(exc)
@@ -197,6 +234,7 @@ class Sweeper:
                 message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 raise
             finally:
+                self._current = None
                 report.duration_seconds = time.monotonic() - clock
                 if sweep_id is not None:
                     self.sweep_log.finished(
@@ -226,7 +264,7 @@ class Sweeper:
             with self.store.rehearsal() as rehearsal:
                 self._apply(rehearsal, report, now, force=force, live=False)
             return
-        store = self.store.with_commit_check(self.lease.check_and_extend)
+        store = self.store.with_commit_check(self._commit_check)
         self._apply(store, report, now, force=force, live=True)
 
     def _apply(
@@ -245,7 +283,7 @@ class Sweeper:
             log.warning(
                 "%d model directories could not be listed; their apps are left alone: %s",
                 len(scan.unreadable),
-                ", ".join(sorted(scan.unreadable)[:5]),
+                ", ".join(printable(slug) for slug in sorted(scan.unreadable)[:5]),
             )
         grace = timedelta(minutes=settings.app_grace_minutes)
         rows = store.app_rows(young_after=now - grace)
@@ -272,7 +310,7 @@ class Sweeper:
             raise SweepRefused(refusal)
         # Scanning wrote nothing, so no commit renewed the lease meanwhile.
         if live:
-            self.lease.renew_if_due()
+            self._renew()
 
         missing_grace = settings.missing_grace_minutes
         if missing_grace > 0:
@@ -306,7 +344,7 @@ class Sweeper:
 
         for rule in rules.task_rules(store.host, settings, now):
             if live:
-                self.lease.renew_if_due()
+                self._renew()
             self._report_progress(rule.name.replace("_", " "), 0, 0)
             per_change = live and isinstance(rule.effect, rules.SetStatus) and (
                 rule.signal.has_receivers_for(self.sender)

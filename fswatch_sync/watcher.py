@@ -28,10 +28,19 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 from watchdog.observers import Observer
-from watchdog.observers.api import BaseObserver, ObservedWatch
+from watchdog.observers.api import DEFAULT_OBSERVER_TIMEOUT, BaseObserver, ObservedWatch
 from watchdog.observers.polling import PollingObserver
 
+try:
+    from watchdog.observers.inotify import InotifyEmitter, InotifyObserver
+    from watchdog.observers.inotify_c import InotifyEvent, InotifyFD
+
+    _OWN_INOTIFY = True
+except ImportError:  # not Linux, or a watchdog before 7 (which does not report the overflow)
+    _OWN_INOTIFY = False
+
 from fswatch_sync.layout import AppKey, key_for_path, model_dirs, slug_for_path
+from fswatch_sync.text import printable
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +49,6 @@ NETWORK_FILESYSTEMS = frozenset(
     {"nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "fuse.sshfs", "9p", "ceph",
      "glusterfs", "fuse.glusterfs", "lustre", "gpfs", "afs", "fuse.s3fs", "fuse.rclone"}
 )
-# watchdog logs the kernel's IN_Q_OVERFLOW on this logger and carries on; the log record is the
-# one place where the loss becomes visible, so that is where it is caught.
-_OVERFLOW_LOGGERS = ("watchdog.observers.inotify_c", "watchdog.observers.inotify")
 
 
 @dataclass(frozen=True)
@@ -89,14 +95,41 @@ def choose_observer_kind(setting: str, root: Path) -> str:
     return "polling" if kind in NETWORK_FILESYSTEMS else "native"
 
 
-class _OverflowDetector(logging.Handler):
-    def __init__(self, callback: Callable[[], None]) -> None:
-        super().__init__(level=logging.WARNING)
-        self.callback = callback
+def _observer_telling_overflow(on_overflow: Callable[[], None]) -> BaseObserver:
+    """The native observer, made to report its own kernel queue's overflow.
 
-    def emit(self, record: logging.LogRecord) -> None:
-        if "overflow" in record.getMessage().lower():
-            self.callback()
+    watchdog only logs an overflow (IN_Q_OVERFLOW) and carries on. Every inotify observer reads
+    an inotify instance of its own, with its own kernel queue, so the overflow is caught where
+    that instance's events are handled, not on watchdog's logger, which every other observer
+    in the process (a debug reloader's, say) writes to as well.
+    """
+    if not _OWN_INOTIFY:
+        return Observer()
+    return _OwnInotifyObserver(on_overflow)
+
+
+if _OWN_INOTIFY:
+
+    class _OverflowReportingFD(InotifyFD):
+        def __init__(self, on_overflow: Callable[[], None]) -> None:
+            super().__init__()
+            self._on_overflow = on_overflow
+
+        def handle_event(self, event: InotifyEvent) -> None:
+            super().handle_event(event)
+            if event.is_queue_overflow:
+                self._on_overflow()
+
+    class _OwnInotifyObserver(InotifyObserver):
+        def __init__(
+            self, on_overflow: Callable[[], None], *, timeout: float = DEFAULT_OBSERVER_TIMEOUT
+        ) -> None:
+            # InotifyObserver.__init__ would open a plain inotify instance; this is the same
+            # set-up around one that reports its overflow.
+            inotify_fd = _OverflowReportingFD(on_overflow)
+            inotify_fd.start()
+            BaseObserver.__init__(self, InotifyEmitter, timeout=timeout, inotify_fd=inotify_fd)
+            self._inotify_fd = inotify_fd
 
 
 class Watcher:
@@ -140,7 +173,6 @@ class Watcher:
         self._epoch = 0
         self._model_epochs: dict[str, int] = {}
         self._handler = _Handler(self)
-        self._overflow_detector = _OverflowDetector(self.inject_overflow)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -149,19 +181,12 @@ class Watcher:
         if self.observer_kind == "polling":
             observer = PollingObserver(timeout=self.polling_interval)
         else:
-            observer = Observer()
+            observer = _observer_telling_overflow(self._observed_overflow)
         with self._lock:
             self._observer = observer
             self._model_watches.clear()
             self._root_watch, self._root_identity = None, None
             self._epoch += 1
-        for name in _OVERFLOW_LOGGERS:
-            logger = logging.getLogger(name)
-            logger.addHandler(self._overflow_detector)
-            if not logger.isEnabledFor(logging.WARNING):
-                # A host that quieted watchdog (to ERROR, say) would otherwise silence the only
-                # sign of lost events: that logger (alone) is let through at WARNING again.
-                logger.setLevel(logging.WARNING)
         try:
             # The parent is watched so the root's own removal and return are seen.
             observer.schedule(self._handler, str(self.root.parent), recursive=False)
@@ -172,8 +197,6 @@ class Watcher:
             raise
 
     def stop(self) -> None:
-        for name in _OVERFLOW_LOGGERS:
-            logging.getLogger(name).removeHandler(self._overflow_detector)
         with self._lock:
             observer, self._observer = self._observer, None
             self._model_watches.clear()
@@ -202,6 +225,15 @@ class Watcher:
         with self._lock:
             return frozenset(self._model_watches)
 
+    def _observed_overflow(self) -> None:
+        # From the observer's inotify thread: an observer already stopped (the watcher's last,
+        # or one a restart replaced) may still hand over its final events; the sweep of the
+        # next start covers those.
+        with self._lock:
+            running = self._observer is not None
+        if running:
+            self.inject_overflow()
+
     def inject_overflow(self) -> None:
         """Events were lost (the kernel queue overflowed): tell the service."""
         log.warning("filesystem events were lost (queue overflow); a full sweep follows")
@@ -218,7 +250,7 @@ class Watcher:
             )
         except OSError as exc:
             # Gone again before it could be watched: the watch one level up reports that.
-            log.debug("cannot watch %s: %s", path, exc)
+            log.debug("cannot watch %s: %s", printable(str(path)), exc)
             return None
 
     def _watch_root_and_models(self) -> None:

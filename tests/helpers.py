@@ -227,8 +227,10 @@ class ScriptedStore(Store):
             self.before(batch)
         if self.failures_left > 0 or len(self.calls) in self.fail_on_calls:
             self.failures_left = max(self.failures_left - 1, 0)
+            # Transient, as a database outage is once the store's own retries are spent.
             raise OperationalError(
-                "DELETE FROM generated_applications", {}, sqlite3.OperationalError("disk I/O error")
+                "DELETE FROM generated_applications", {},
+                sqlite3.OperationalError("database is locked"),
             )
         return super().remove_apps(batch, **options)
 
@@ -311,7 +313,8 @@ def app_state(engine: Engine, app: SeededApp, source: str = "reactor") -> str:
         message = task["error_message"] or ""
         if task["status"] != "cancelled" or task["completed_at"] is None:
             return f"row gone but a task was not cancelled with a time: {task}"
-        if GONE_MESSAGE not in message or str(app.key) not in message:
+        named = f"{app.key.model_slug}/app{app.key.app_number}"  # the raw slug, not str()'s
+        if GONE_MESSAGE not in message or named not in message:
             return f"row gone but the message does not say the app is gone: {task}"
     sources = journal_sources(engine, app.key)
     if source not in sources:

@@ -65,7 +65,7 @@ OLD = timedelta(hours=2)
 YOUNG = timedelta(seconds=5)
 NOT_APP_NAMES = ("app", "app01", "app-1", "APP1", "App1", "app1.bak", "app1 ", " app1", "app+1",
                  "app1\n", "app\u0661", "appl", "app1e3", "app0x1", "app 1", "-rf", "app3.bak",
-                 "app03", "APP3", "app99999999999", "app2147483648")
+                 "app03", "APP3", "app9223372036854775808", "app99999999999999999999")
 NON_UTF8_NAMES = (b"app1\xff", b"\xff", b"app\xc3\x28", b"\xed\xa0\x80app1")
 
 
@@ -182,8 +182,9 @@ def _random_extras(rng: random.Random, m: Path, root: Path) -> set[AppKey]:
     return set(rows.values())
 
 
-# An oracle for "is an app directory name", written independently of the layout module.
-_ORACLE = re.compile(r"app(0|[1-9][0-9]{0,9})")
+# An oracle for "is an app directory name" (up to BIGINT's 19 digits), written independently of
+# the layout module; the near-miss parts never make more than four digits.
+_ORACLE = re.compile(r"app(0|[1-9][0-9]{0,18})")
 
 
 def _is_plain(slug: str) -> bool:

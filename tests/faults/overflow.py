@@ -36,6 +36,7 @@ from typing import Any
 
 from helpers import make_settings, wait_until
 from sqlalchemy.engine import Engine
+from watchdog.observers.inotify_c import InotifyConstants, InotifyEvent, WatchDescriptor
 
 from faults.harness import Run, Unavailable, scenario
 from faults.kit import (
@@ -211,7 +212,7 @@ def quieted_watchdog(level: int | None) -> Iterator[None]:
 def injected_overflow_round(
     database_url: str, workdir: Path, *, host_watchdog_level: int | None = None
 ) -> dict[str, Any]:
-    """The fallback: the overflow record injected on watchdog's logger of a running Service.
+    """The fallback: the kernel's overflow event injected into a running Service's observer.
 
     With ``host_watchdog_level`` the host has quieted the ``watchdog`` logger (ERROR, say, as
     applications do with noisy libraries) before the service starts: the overflow must still
@@ -234,7 +235,12 @@ def injected_overflow_round(
         service.start()
         try:
             assert ORPHAN in app_keys(probe)
-            logging.getLogger(WATCHDOG_OVERFLOW_LOGGER).warning(WATCHDOG_OVERFLOW_MESSAGE)
+            # The kernel's IN_Q_OVERFLOW, handed to the service's own inotify instance as its
+            # reader hands what it reads (watchdog logs it there; the watcher must notice).
+            reader = service.watcher._observer._inotify_fd  # type: ignore[union-attr]
+            reader.handle_event(
+                InotifyEvent(WatchDescriptor(-1), InotifyConstants.IN_Q_OVERFLOW, 0, b"")
+            )
             wait_until(lambda: finished_sweeps(probe, "overflow"), what="the overflow sweep")
             wait_until(lambda: ORPHAN not in app_keys(probe), what="the orphan removed")
             check_outcome(probe, orphan_source="sweep")
@@ -276,10 +282,11 @@ def overflow_real(run: Run) -> str:
     backends=("sqlite", "postgres", "mysql"),
     quick=1,
     long=5,
-    summary="FALLBACK, injected at the adapter: watchdog's overflow log record emitted on its"
-    " logger in a running Service (the detector still does the noticing), also with the host"
-    " having quieted the 'watchdog' logger to ERROR; watch_degraded 'overflow' sent, a sweep"
-    " with trigger 'overflow' removes an orphan no event told of",
+    summary="FALLBACK, injected at the adapter: the kernel's IN_Q_OVERFLOW event handed to a"
+    " running Service's own inotify instance (watchdog's handling and the watcher's detector"
+    " still do the rest), also with the host having quieted the 'watchdog' logger to ERROR;"
+    " watch_degraded 'overflow' sent, a sweep with trigger 'overflow' removes an orphan no"
+    " event told of",
     timeout_s=600,
 )
 def overflow_injected(run: Run) -> str:

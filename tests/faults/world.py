@@ -326,7 +326,9 @@ class World:
             if now["status"] != "cancelled" or now["completed_at"] is None:
                 problems.append(f"{key}: HALF-DONE: row gone, task {task_id} is {now['status']}")
             message = now["error_message"] or ""
-            if "gone" not in message or str(key) not in message:
+            # The raw slug: str(key) is the display form, with control characters escaped.
+            named = f"{key.model_slug}/app{key.app_number}"
+            if "gone" not in message or named not in message:
                 problems.append(f"{key}: task {task_id} message {message!r}")
             unchanged = {k: v for k, v in now.items()
                          if k not in ("status", "completed_at", "error_message")}
