@@ -27,7 +27,7 @@ from fswatch_sync.layout import is_safe_slug, parse_app_dir_name
 from fswatch_sync.settings import SECRET_SETTINGS, SPECS, Settings, load_settings, redact_url
 from fswatch_sync.store import Store
 from fswatch_sync.sweep import Sweeper, SweepReport
-from fswatch_sync.text import printable
+from fswatch_sync.text import first_line, printable
 
 PROG = "fswatch-sync"
 EXIT_OK, EXIT_FAILURE, EXIT_SETTINGS, EXIT_REFUSED = 0, 1, 2, 3
@@ -354,8 +354,7 @@ def main(
         sys.stderr.write(f"{PROG}: {printable(str(exc))}\n")
         return EXIT_FAILURE
     except SQLAlchemyError as exc:
-        first = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-        sys.stderr.write(f"{PROG}: database error: {first[0] if first else type(exc).__name__}\n")
+        sys.stderr.write(f"{PROG}: database error: {first_line(exc)}\n")
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130

@@ -27,6 +27,8 @@ from tenacity import (
     wait_random,
 )
 
+from fswatch_sync.text import first_line
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -188,7 +190,7 @@ def _log_retry(state: RetryCallState) -> None:
         "transient database error, retry %d in %.2fs: %s",
         state.attempt_number,
         state.next_action.sleep if state.next_action else 0.0,
-        str(exc).splitlines()[0] if exc else "",
+        first_line(exc) if exc else "",
     )
 
 

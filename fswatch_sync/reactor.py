@@ -26,6 +26,7 @@ from fswatch_sync import announce, db
 from fswatch_sync.layout import AppKey, any_app_dir, app_exists, root_present
 from fswatch_sync.stats import Stats
 from fswatch_sync.store import RemovalOutcome, Store, chunks
+from fswatch_sync.text import first_line
 from fswatch_sync.watcher import AppGone, Hint, ModelGone
 
 log = logging.getLogger(__name__)
@@ -48,11 +49,6 @@ class _Suspect:
 
 def _backoff(failures: int) -> float:
     return float(min(FIRST_BACKOFF_SECONDS * 2 ** max(failures - 1, 0), MAX_BACKOFF_SECONDS))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class Reactor:
@@ -169,7 +165,7 @@ class Reactor:
                     "could not apply %d removal(s), retrying in %.1fs: %s",
                     len(keys) + len(slugs),
                     self._backoff,
-                    _first_line(exc),
+                    first_line(exc),
                 )
             else:
                 self._backoff = 0.0
@@ -294,7 +290,7 @@ class Reactor:
             previous = self._suspects.get(key)
             failures = 1 if previous is None else previous.failures + 1
             backoff = _backoff(failures)
-            self._suspects[key] = _Suspect(failures, time.monotonic() + backoff, _first_line(exc))
+            self._suspects[key] = _Suspect(failures, time.monotonic() + backoff, first_line(exc))
             self._keys.discard(key)
             self._publish()
         self.stats.add("errors")
@@ -304,7 +300,7 @@ class Reactor:
                 "the removal of %s fails on its own; the others go on, it is retried alone"
                 " with backoff: %s",
                 key,
-                _first_line(exc),
+                first_line(exc),
             )
         else:
             log.debug("the removal of %s failed again (%d times), next try in %.1fs",

@@ -16,6 +16,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 
 from fswatch_sync import db, rules
 from fswatch_sync.images import JournalWriter
@@ -23,6 +24,7 @@ from fswatch_sync.layout import AppKey
 from fswatch_sync.marks import Marks
 from fswatch_sync.rules import app_keys, task_keys, young_key
 from fswatch_sync.store import BatchSizer, RemovalOutcome, Store, TaskChange
+from fswatch_sync.text import first_line
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,7 @@ def remove_apps(
     missing_grace: timedelta | None = None,
     cancel_when_missing: bool = True,
     collect: bool = True,
+    isolate: bool = False,
 ) -> RemovalOutcome:
     """Remove every row of each key, and cancel the key's active tasks, a batch per transaction.
 
@@ -49,7 +52,10 @@ def remove_apps(
     ``young_after``: keys with a row created after it are left alone (the sweep's grace).
     ``missing_grace``: keys are first marked missing, and removed once marked that long.
     ``dry_run``: the same statements, rolled back. ``collect``: list each cancelled task (for
-    signals); otherwise only counted, and no task row passes through Python.
+    signals); otherwise only counted, and no task row passes through Python. ``isolate``: a
+    batch the database refuses for a reason other than a transient one is halved until the key
+    it refuses stands alone; that key is reported in ``failed`` and the others go on (the sweep;
+    the reactor retries such a key itself).
     """
     options: dict[str, Any] = {
         "source": source,
@@ -62,11 +68,13 @@ def remove_apps(
     }
     if dry_run:
         with store.rehearsal() as rehearsal:
-            return _remove(rehearsal, sorted(set(keys)), options)
-    return _remove(store, sorted(set(keys)), options)
+            return _remove(rehearsal, sorted(set(keys)), options, isolate)
+    return _remove(store, sorted(set(keys)), options, isolate)
 
 
-def _remove(store: Store, ordered: list[AppKey], options: dict[str, Any]) -> RemovalOutcome:
+def _remove(
+    store: Store, ordered: list[AppKey], options: dict[str, Any], isolate: bool
+) -> RemovalOutcome:
     outcome = RemovalOutcome()
     batch = store._retry(_remove_batch)
     sizer = BatchSizer(store.batch_size, store.max_transaction_ms / 1000)
@@ -74,11 +82,34 @@ def _remove(store: Store, ordered: list[AppKey], options: dict[str, Any]) -> Rem
     while start < len(ordered):
         part = ordered[start : start + sizer.size]
         clock = time.monotonic()
-        done = batch(store, part, **options)
+        done = _isolating(store, batch, part, options) if isolate else batch(store, part, **options)
         rows = max(done.removed_rows + done.cancelled_count, len(part))
         sizer.record(rows, time.monotonic() - clock)
         outcome.extend(done)
         start += len(part)
+    return outcome
+
+
+def _isolating(
+    store: Store, batch: Any, part: list[AppKey], options: dict[str, Any]
+) -> RemovalOutcome:
+    """``batch`` on ``part``; a refusal that is not transient is narrowed down by halving."""
+    try:
+        done: RemovalOutcome = batch(store, part, **options)
+        return done
+    except DBAPIError as exc:
+        if db.is_transient(exc):
+            raise
+        if len(part) == 1:
+            log.warning(
+                "app %s left for the next sweep: the database refused its removal: %s",
+                part[0],
+                first_line(exc),
+            )
+            return RemovalOutcome(failed=[part[0]])
+    middle = len(part) // 2
+    outcome = _isolating(store, batch, part[:middle], options)
+    outcome.extend(_isolating(store, batch, part[middle:], options))
     return outcome
 
 

@@ -29,7 +29,7 @@ from fswatch_sync.settings import Settings, describe
 from fswatch_sync.stats import Stats
 from fswatch_sync.store import Store
 from fswatch_sync.sweep import Sweeper, SweepReport
-from fswatch_sync.text import printable
+from fswatch_sync.text import first_line, printable
 from fswatch_sync.watcher import Watcher, choose_observer_kind
 
 log = logging.getLogger(__name__)
@@ -315,7 +315,7 @@ class Service:
         try:
             sweeps = records.recent_sweeps(self.store.engine, limit=5)
         except Exception as exc:  # the sweep itself will meet the error, log it and retry
-            log.warning("cannot read the recent sweeps: %s", _first_line(exc))
+            log.warning("cannot read the recent sweeps: %s", first_line(exc))
             return False
         for sweep in sweeps:
             if sweep["outcome"] == "ok" and sweep["finished_at"]:
@@ -330,7 +330,7 @@ class Service:
         try:
             sweeps = records.recent_sweeps(self.store.engine, limit=5)
         except Exception as exc:
-            log.warning("cannot read the recent sweeps: %s", _first_line(exc))
+            log.warning("cannot read the recent sweeps: %s", first_line(exc))
             return False
         return any(
             sweep["outcome"] == "ok"
@@ -459,7 +459,7 @@ class Service:
                     self._heartbeat()
             except SQLAlchemyError as exc:
                 self.stats.add("errors")
-                log.warning("monitor: the database did not answer: %s", _first_line(exc))
+                log.warning("monitor: the database did not answer: %s", first_line(exc))
             except Exception:
                 self.stats.add("errors")
                 log.exception("monitor check failed")
@@ -509,8 +509,3 @@ class Service:
             "stats": self.status_stats(),
             "settings": describe(self.settings),
         }
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple, TypeVar
 import sqlalchemy as sa
 from sqlalchemy import ColumnElement, Select
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 
 from fswatch_sync import db
 from fswatch_sync.hostschema import HostTables, ResolvedDependent, reflect_host_tables
@@ -32,6 +33,7 @@ from fswatch_sync.marks import Marks
 from fswatch_sync.rules import Delete, SetStatus, TaskRule, keys_clause, young_row
 from fswatch_sync.schema import SchemaConfig, default_host_metadata, journal_table, tool_metadata
 from fswatch_sync.settings import Settings
+from fswatch_sync.text import first_line
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,8 @@ class RemovalOutcome:
     blocked: list[AppKey] = field(default_factory=list)
     present: list[AppKey] = field(default_factory=list)
     marked: list[AppKey] = field(default_factory=list)
+    # Keys the database refused to change (a host constraint, a trigger): left for a later try.
+    failed: list[AppKey] = field(default_factory=list)
     dependents_deleted: int = 0
     dependents_nullified: int = 0
 
@@ -81,6 +85,7 @@ class RemovalOutcome:
         self.blocked += other.blocked
         self.present += other.present
         self.marked += other.marked
+        self.failed += other.failed
         self.dependents_deleted += other.dependents_deleted
         self.dependents_nullified += other.dependents_nullified
 
@@ -92,6 +97,8 @@ class RuleOutcome:
     name: str
     count: int = 0
     kept: int = 0
+    # Rows the database refused to change (each isolated and skipped; the next sweep retries).
+    failed: int = 0
     changes: list[TaskChange] = field(default_factory=list)
 
 
@@ -229,7 +236,10 @@ class Store:
     @contextmanager
     def _write(self) -> Iterator[Connection]:
         if self._rehearsal is not None:
-            yield self._rehearsal
+            # A savepoint per batch: a batch the database refuses is undone alone, as a real
+            # run's transaction would be, and the rehearsal goes on.
+            with self._rehearsal.begin_nested():
+                yield self._rehearsal
             return
         with self.engine.begin() as connection:
             yield connection
@@ -297,7 +307,26 @@ class Store:
             changed_this_round = 0
             while True:
                 started = time.monotonic()
-                upper, changed, changes = batch(rule, after, sizer.size, source, now, collect)
+                try:
+                    upper, changed, changes = batch(rule, after, sizer.size, source, now, collect)
+                except DBAPIError as exc:
+                    if db.is_transient(exc):
+                        raise
+                    # A row the database refuses (a host constraint, a trigger): narrow the
+                    # batch down to it, skip it, and go on with the others.
+                    if sizer.size > 1:
+                        sizer.size = max(1, sizer.size // 2)
+                        sizer.minimum = min(sizer.minimum, sizer.size)
+                        continue
+                    after = self._first_match(rule, after)
+                    outcome.failed += 1
+                    log.warning(
+                        "task %r left for the next sweep: the database refused %s: %s",
+                        after,
+                        rule.name.replace("_", " "),
+                        first_line(exc),
+                    )
+                    continue
                 if upper is None:
                     break
                 sizer.record(changed, time.monotonic() - started)
@@ -317,6 +346,12 @@ class Store:
                     outcome.kept,
                 )
         return outcome
+
+    def _first_match(self, rule: TaskRule, after: Any) -> Any:
+        pk = self.host.task_col("id")
+        window = rule.where if after is None else sa.and_(rule.where, pk > after)
+        with self._reading() as connection:
+            return connection.execute(sa.select(pk).where(window).order_by(pk).limit(1)).scalar()
 
     @contextmanager
     def _reading(self) -> Iterator[Connection]:
@@ -481,6 +516,7 @@ class Store:
         missing_grace: timedelta | None = None,
         cancel_when_missing: bool = True,
         collect: bool = True,
+        isolate: bool = False,
     ) -> RemovalOutcome:
         """The app rule applied to ``keys``: see :func:`fswatch_sync.removal.remove_apps`."""
         # Imported here: removal builds on this module's batches and outcomes.
@@ -497,6 +533,7 @@ class Store:
             missing_grace=missing_grace,
             cancel_when_missing=cancel_when_missing,
             collect=collect,
+            isolate=isolate,
         )
 
     def clear_marks_of(self, present: set[AppKey]) -> int:

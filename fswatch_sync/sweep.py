@@ -25,7 +25,7 @@ from fswatch_sync.layout import AppKey, Scan, app_exists, root_present, scan_tre
 from fswatch_sync.records import Lease, SweepLog
 from fswatch_sync.settings import Settings
 from fswatch_sync.store import AppRow, Store, TaskChange
-from fswatch_sync.text import printable
+from fswatch_sync.text import first_line, printable
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,8 @@ class SweepReport:
     orphan_apps: int = 0
     orphan_app_rows: int = 0
     marked_missing: int = 0
+    failed_apps: int = 0
+    failed_tasks: int = 0
     orphan_tasks: int = 0
     stuck_tasks: int = 0
     old_tasks: int = 0
@@ -83,6 +85,9 @@ class SweepReport:
             # orphan_apps counts app keys (directories); a key may own several rows.
             "orphan_app_rows": self.orphan_app_rows,
             "marked_missing": self.marked_missing,
+            # Refused by the database (a host constraint or trigger), left for the next sweep.
+            "failed_apps": self.failed_apps,
+            "failed_tasks": self.failed_tasks,
             "old_tasks_kept": self.old_tasks_kept,
             "dependents_deleted": self.dependents_deleted,
             "dependents_nullified": self.dependents_nullified,
@@ -231,7 +236,7 @@ class Sweeper:
                 report.refused = str(exc)
                 raise
             except Exception as exc:
-                message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                message = first_line(exc)
                 raise
             finally:
                 self._current = None
@@ -324,6 +329,7 @@ class Sweeper:
             young_after=now - grace,
             missing_grace=timedelta(minutes=missing_grace) if missing_grace > 0 else None,
             cancel_when_missing=settings.cancel_tasks_when_missing,
+            isolate=True,
             collect=live
             and (
                 signals.app_removed.has_receivers_for(self.sender)
@@ -335,6 +341,7 @@ class Sweeper:
         report.orphan_apps = len(removal.removed)
         report.orphan_app_rows = removal.removed_rows
         report.marked_missing = len(removal.marked)
+        report.failed_apps = len(removal.failed)
         report.blocked_apps = len(removal.blocked)
         report.kept_present = len(removal.present)
         report.dependents_deleted = removal.dependents_deleted
@@ -351,6 +358,7 @@ class Sweeper:
             )
             outcome = store.apply_task_rule(rule, source="sweep", now=now, collect=per_change)
             self._record(report, rule, outcome.count, outcome.kept)
+            report.failed_tasks += outcome.failed
             if live:
                 self._announce(rule, outcome.changes, outcome.count, now)
         report.stuck_tasks = report.stuck_running + report.stuck_pending

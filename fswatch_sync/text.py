@@ -32,3 +32,11 @@ def printable(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(char if char.isprintable() else _escape(char) for char in text)
+
+
+def first_line(exc: BaseException) -> str:
+    """What an exception says, as one printable line (its type when it says nothing); for a
+    database error, the driver's own message rather than SQLAlchemy's wrapper with the SQL."""
+    inner = getattr(exc, "orig", None)
+    text = str(inner if inner is not None else exc).strip()
+    return printable(text.splitlines()[0]) if text else type(exc).__name__

@@ -341,13 +341,13 @@ def test_a_holder_taken_over_cannot_commit(
 
     # 2. A whole sweep whose lease is taken over right after it renewed: the batch's own check
     #    before commit refuses, nothing changes, and A's release leaves B's lease alone.
-    real_renew = a.lease.renew
+    real_renew = a.lease.renew_if_due
 
-    def renew_then_lose(now: datetime | None = None) -> None:
-        real_renew(now)
+    def renew_then_lose() -> None:
+        real_renew()
         take_over()
 
-    monkeypatch.setattr(a.lease, "renew", renew_then_lose)
+    monkeypatch.setattr(a.lease, "renew_if_due", renew_then_lose)
     with pytest.raises(LeaseLost):
         a.run()
     assert host_state(engine) == before
@@ -356,7 +356,7 @@ def test_a_holder_taken_over_cannot_commit(
     b.release()
 
     # 3. Taken over between acquiring and the first renewal (while the sweep only read).
-    monkeypatch.setattr(a.lease, "renew", real_renew)
+    monkeypatch.setattr(a.lease, "renew_if_due", real_renew)
     def on_started(_sender: object, **_extra: object) -> None:
         take_over()
 

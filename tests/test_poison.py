@@ -47,6 +47,7 @@ from fswatch_sync.reactor import Reactor
 from fswatch_sync.schema import SchemaConfig, default_host_metadata
 from fswatch_sync.stats import Stats
 from fswatch_sync.store import RemovalOutcome, Store
+from fswatch_sync.sweep import Sweeper
 from fswatch_sync.watcher import AppGone
 
 POISON = AppKey(SLUG, 666)
@@ -212,3 +213,61 @@ def test_the_bad_key_is_found_by_halving_not_one_by_one(
     applied = [batch for batch in first_round[1:] if keys[37] not in batch]
     assert sorted(key for batch in applied for key in batch) == keys[:37] + keys[38:]
     assert all(batch == [keys[37]] for batch in store.calls[13:])
+
+
+def test_the_sweep_isolates_a_key_and_a_task_the_database_refuses(
+    database_url: str, apps_root: Path, server_probe: Engine, now: Any
+) -> None:
+    """One app whose removal the host refuses, and one stuck task it refuses to fail: the sweep
+    removes every other orphan, fails every other stuck task, runs every pass, and reports the
+    two it could not change; the next sweep retries them."""
+    _create_tables_with_a_poison_check(database_url)
+    with server_probe.begin() as connection:
+        connection.execute(sa.insert(APPS), [
+            {"model_slug": SLUG, "app_number": n,
+             "created_at": db.to_db_time(now - timedelta(days=1))}
+            for n in (1, 2, 3, POISON.app_number)
+        ])
+        connection.execute(sa.insert(TASKS), [
+            {"task_id": f"t{n}", "target_model": SLUG, "target_app_number": n, "status": "pending",
+             "created_at": db.to_db_time(now - timedelta(minutes=1))}
+            for n in (1, 2, 3, POISON.app_number)
+        ] + [
+            {"task_id": "stuck-ok", "target_model": SLUG, "target_app_number": 4,
+             "status": "pending", "created_at": db.to_db_time(now - timedelta(days=1))},
+            {"task_id": "stuck-poison", "target_model": SLUG, "target_app_number": 4,
+             "status": "running", "created_at": db.to_db_time(now - timedelta(days=1)),
+             "started_at": db.to_db_time(now - timedelta(days=1))},
+        ])
+        connection.execute(sa.insert(APPS).values(
+            model_slug=SLUG, app_number=4, created_at=db.to_db_time(now - timedelta(days=1))))
+    # The host also refuses to fail the task "stuck-poison".
+    with server_probe.begin() as connection:
+        if server_probe.dialect.name == "sqlite":
+            connection.exec_driver_sql(
+                "CREATE TRIGGER refuse_fail BEFORE UPDATE ON analysis_tasks"
+                " WHEN NEW.task_id = 'stuck-poison' AND NEW.status = 'failed'"
+                " BEGIN SELECT RAISE(ABORT, 'refused by the host'); END"
+            )
+        else:
+            connection.exec_driver_sql(
+                "ALTER TABLE analysis_tasks ADD CONSTRAINT ck_refuse_fail"
+                " CHECK (status <> 'failed' OR task_id <> 'stuck-poison')"
+            )
+    (apps_root / SLUG / "app4").mkdir(parents=True)
+    settings = make_settings(apps_root, database_url, max_delete_fraction=1.0)
+    store = Store.from_settings(settings)
+    try:
+        report = Sweeper(store, settings, instance_id="poison").run(now=now)
+        assert (report.orphan_apps, report.failed_apps) == (3, 1)
+        assert (report.stuck_running, report.stuck_pending, report.failed_tasks) == (0, 1, 1)
+        assert app_keys(server_probe) == {POISON, AppKey(SLUG, 4)}
+        assert task_row(server_probe, "t1")["status"] == "cancelled"
+        assert task_row(server_probe, f"t{POISON.app_number}")["status"] == "pending"
+        assert task_row(server_probe, "stuck-ok")["status"] == "cancelled"
+        assert task_row(server_probe, "stuck-poison")["status"] == "running"
+        # The dry run meets the same refusals and reports the same.
+        again = Sweeper(store, settings, instance_id="poison").run(now=now, dry_run=True)
+        assert (again.orphan_apps, again.failed_apps, again.failed_tasks) == (0, 1, 1)
+    finally:
+        store.engine.dispose()
