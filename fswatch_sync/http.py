@@ -18,23 +18,13 @@ from typing import TYPE_CHECKING, Any
 from fswatch_sync.errors import LeaseUnavailable, SettingsError, SweepRefused
 from fswatch_sync.records import LeaseLost
 from fswatch_sync.settings import Settings, is_loopback, parse_bind
-from fswatch_sync.stats import SWEEP_DURATION_BUCKETS
+from fswatch_sync.stats import COUNTERS, SWEEP_DURATION_BUCKETS
 
 if TYPE_CHECKING:
     from fswatch_sync.service import Service
 
 log = logging.getLogger(__name__)
 
-_COUNTERS = {
-    "apps_removed": "App rows removed because their directory is gone.",
-    "tasks_cancelled": "Tasks set to cancelled.",
-    "tasks_failed": "Running tasks failed for exceeding the RUNNING timeout.",
-    "tasks_purged": "Old terminal tasks deleted.",
-    "events_handled": "Filesystem hints received by the reactor.",
-    "sweeps": "Sweeps run by this instance.",
-    "sweeps_refused": "Sweeps refused by the guard.",
-    "errors": "Errors: failed batches, observer failures, lost events.",
-}
 WATCH_STATES = ("starting", "watching", "root-missing", "root-empty", "stopped")
 
 
@@ -52,7 +42,7 @@ class ServiceCollector:
         )
 
         stats = self.service.status_stats()
-        for name, text in _COUNTERS.items():
+        for name, text in COUNTERS.items():
             yield CounterMetricFamily(f"fswatch_sync_{name}", text, value=stats.get(name, 0))
         yield GaugeMetricFamily(
             "fswatch_sync_queue_depth", "Removals waiting for the reactor.",

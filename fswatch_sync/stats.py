@@ -9,18 +9,19 @@ from typing import Any
 # Upper bounds (seconds) of the sweep-duration histogram's buckets; one more bucket is +Inf.
 SWEEP_DURATION_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
-COUNTERS = (
-    "apps_removed",
-    "tasks_cancelled",
-    "tasks_failed",
-    "tasks_purged",
-    "events_handled",
-    "sweeps",
-    "sweeps_refused",
-    "errors",
-    # Failed lone tries of keys the reactor isolated (see reactor.py).
-    "poison_failures",
-)
+# Every counter an instance keeps, with what it counts: the one list that status and /metrics
+# both read.
+COUNTERS = {
+    "apps_removed": "App keys removed because their directory is gone.",
+    "tasks_cancelled": "Tasks set to cancelled.",
+    "tasks_failed": "Running tasks failed for exceeding the RUNNING timeout.",
+    "tasks_purged": "Old terminal tasks deleted.",
+    "events_handled": "Filesystem hints received by the reactor.",
+    "sweeps": "Sweeps run by this instance.",
+    "sweeps_refused": "Sweeps refused by the guard.",
+    "errors": "Errors: failed batches, observer failures, lost events.",
+    "poison_failures": "Failed lone tries of app keys the database refuses (see reactor.py).",
+}
 
 
 class Stats:
