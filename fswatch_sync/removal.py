@@ -19,6 +19,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
 from fswatch_sync import db, rules
+from fswatch_sync.changes import follow_policy, set_status
 from fswatch_sync.images import JournalWriter
 from fswatch_sync.layout import AppKey
 from fswatch_sync.marks import Marks
@@ -183,7 +184,7 @@ def _remove_batch(
         for dependent in host.dependents:
             if dependent.policy == "restrict":
                 continue
-            count = store._follow_policy(
+            count = follow_policy(
                 connection, dependent, host.apps, chosen, journal, (slug_col, number_col)
             )
             if dependent.policy == "delete":
@@ -248,7 +249,7 @@ def _cancel_tasks(
     if count == 0:
         return
     effect = rules.SetStatus(cancelled, rules.key_message(host.config.cancel_message, host))
-    result = store._set_status(connection, chosen, effect, now)
+    result = set_status(host, connection, chosen, effect, now)
     if result.rowcount != count:
         raise db.StaleRead(
             f"{count - result.rowcount} task(s) changed status under the tool's lock"

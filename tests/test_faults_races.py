@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from faults import harness
 from faults.races import run_property
 
-from fswatch_sync import db
+from fswatch_sync import changes, db
 from fswatch_sync.layout import AppKey
 from fswatch_sync.rules import SetStatus, TaskRule
 from fswatch_sync.schema import journal_table
@@ -87,7 +87,7 @@ def test_the_property_finds_a_lost_update_in_a_blind_write(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A tool that writes a status without comparing it to the one it read must be caught."""
-    monkeypatch.setattr(Store, "_task_batch", _blind_task_batch)
+    monkeypatch.setattr(changes, "_task_batch", _blind_task_batch)
     with pytest.raises(Exception) as caught:
         run_property(f"sqlite:///{tmp_path / 'mutant.db'}", tmp_path, examples=150, fixed=True,
                      rng_seed=0, shrink=False)

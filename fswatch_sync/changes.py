@@ -1,0 +1,236 @@
+"""The one way rows change: a task rule applied in keyset batches, a status set by
+compare-and-set, and the policy of the rows that point at what changes.
+
+A batch is one transaction of a few statements: lock the batch's rows (keyset by primary key),
+journal them with ``INSERT ... SELECT`` (the database builds each before-image), then update or
+delete exactly those rows, whose count must match. The removal of apps (removal.py) uses the
+same status change and dependents policy.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime
+from functools import partial
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import ColumnElement
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
+
+from fswatch_sync import db
+from fswatch_sync.hostschema import HostTables, ResolvedDependent
+from fswatch_sync.images import JournalWriter
+from fswatch_sync.layout import AppKey
+from fswatch_sync.rules import Delete, SetStatus, TaskRule
+from fswatch_sync.store import BatchSizer, RuleOutcome, Store, TaskChange
+from fswatch_sync.text import first_line
+
+log = logging.getLogger(__name__)
+
+
+def apply_task_rule(
+    store: Store, rule: TaskRule, *, source: str, now: datetime, collect: bool = False
+) -> RuleOutcome:
+    """Apply ``rule`` to every task it matches, in keyset batches of one transaction each.
+
+    ``collect``: also return each change (for per-task signals); otherwise no changed row
+    passes through Python.
+    """
+    outcome = RuleOutcome(rule.name)
+    batch = store._retry(partial(_task_batch, store))
+    while True:
+        sizer = BatchSizer(store.batch_size, store.max_transaction_ms / 1000)
+        after: Any = None
+        changed_this_round = 0
+        while True:
+            started = time.monotonic()
+            try:
+                upper, changed, changes = batch(rule, after, sizer.size, source, now, collect)
+            except DBAPIError as exc:
+                if db.is_transient(exc):
+                    raise
+                # A row the database refuses (a host constraint, a trigger): narrow the
+                # batch down to it, skip it, and go on with the others.
+                if sizer.size > 1:
+                    sizer.size = max(1, sizer.size // 2)
+                    sizer.minimum = min(sizer.minimum, sizer.size)
+                    continue
+                after = _first_match(store, rule, after)
+                outcome.failed += 1
+                log.warning(
+                    "task %r left for the next sweep: the database refused %s: %s",
+                    after,
+                    rule.name.replace("_", " "),
+                    first_line(exc),
+                )
+                continue
+            if upper is None:
+                break
+            sizer.record(changed, time.monotonic() - started)
+            after = upper
+            changed_this_round += changed
+            outcome.changes += changes
+        outcome.count += changed_this_round
+        if not rule.repeat or changed_this_round == 0:
+            break
+    if rule.kept is not None:
+        with store._reading() as connection:
+            query = sa.select(sa.func.count()).select_from(store.host.tasks).where(rule.kept)
+            outcome.kept = int(connection.execute(query).scalar_one())
+        if outcome.kept:
+            log.warning(
+                "%d old task(s) kept: rows of another table point at them (policy restrict)",
+                outcome.kept,
+            )
+    return outcome
+
+def _first_match(store: Store, rule: TaskRule, after: Any) -> Any:
+    pk = store.host.task_col("id")
+    window = rule.where if after is None else sa.and_(rule.where, pk > after)
+    with store._reading() as connection:
+        return connection.execute(sa.select(pk).where(window).order_by(pk).limit(1)).scalar()
+
+def _task_batch(
+    store: Store,
+    rule: TaskRule, after: Any, size: int, source: str, now: datetime, collect: bool
+) -> tuple[Any, int, list[TaskChange]]:
+    host = store.host
+    pk = host.task_col("id")
+    with store._write() as connection:
+        window = rule.where if after is None else sa.and_(rule.where, pk > after)
+        pks = list(
+            connection.execute(
+                store.locked(sa.select(pk).where(window).order_by(pk).limit(size), connection)
+            ).scalars()
+        )
+        if not pks:
+            return None, 0, []
+        chosen = db.one_of(pk, pks)
+        new_status = rule.effect.status if isinstance(rule.effect, SetStatus) else None
+        changes = _task_changes(host, connection, chosen, new_status) if collect else []
+        journal = JournalWriter(connection, source=source, now=now)
+        journal.record(
+            rule.action,
+            host.tasks,
+            chosen,
+            key=(host.task_col("target_model"), host.task_col("target_app_number")),
+            status=host.task_col("status"),
+            new_status=new_status,
+        )
+        if isinstance(rule.effect, Delete):
+            for dependent in host.task_dependents:
+                if dependent.policy != "restrict":
+                    follow_policy(
+                        connection, dependent, host.tasks, chosen, journal, None
+                    )
+            result = connection.execute(sa.delete(host.tasks).where(chosen))
+        else:
+            result = set_status(host, connection, chosen, rule.effect, now)
+        if result.rowcount != len(pks):
+            raise db.StaleRead(
+                f"{len(pks) - result.rowcount} task(s) changed under the tool's lock"
+            )
+    return pks[-1], len(pks), changes
+
+def _task_changes(
+    host: HostTables, connection: Connection, where: ColumnElement[bool], new_status: str | None
+) -> list[TaskChange]:
+    columns = [
+        host.task_col(role)
+        for role in ("id", "task_id", "target_model", "target_app_number", "status")
+    ]
+    return [
+        TaskChange(pk, str(task_id), AppKey(model, int(number)), status, new_status or "")
+        for pk, task_id, model, number, status in connection.execute(
+            sa.select(*columns).where(where).order_by(columns[0])
+        )
+    ]
+
+def set_status(
+    host: HostTables,
+    connection: Connection,
+    where: ColumnElement[bool],
+    effect: SetStatus,
+    now: datetime,
+) -> Any:
+    """The one way a task's status changes: only from an active status (the compare-and-set
+    on what was read under lock), with ``completed_at`` and the rule's message."""
+    config = host.config.tasks
+    completed = host.task_col("completed_at")
+    values: dict[str, Any] = {
+        config.status: effect.status,
+        config.completed_at: db.bind_time(completed, now),
+    }
+    if host.has_error_message:
+        values[config.error_message] = effect.message
+    if config.updated_at:
+        values[config.updated_at] = db.bind_time(host.task_col("updated_at"), now)
+    return connection.execute(
+        sa.update(host.tasks)
+        .where(where, host.task_col("status").in_(host.config.statuses.active))
+        .values(values)
+    )
+
+def follow_policy(
+    connection: Connection,
+    dependent: ResolvedDependent,
+    target: sa.Table,
+    target_where: ColumnElement[bool],
+    journal: JournalWriter,
+    key: tuple[ColumnElement[Any], ColumnElement[Any]] | None,
+) -> int:
+    """Delete or nullify the rows of ``dependent`` that point at the rows of ``target`` for
+    which ``target_where`` holds, journalled first; return how many."""
+    table = dependent.table
+    pointing = _pointing(dependent, target, target_where)
+    if key is not None:
+        # The app a row points at, read by the database: a link by (slug, number) may match
+        # several rows of one key (versions), so a join would journal a row once per version.
+        match = sa.and_(
+            *(
+                column == reference
+                for column, reference in zip(
+                    dependent.columns, dependent.references, strict=True
+                )
+            )
+        )
+        owner = tuple(
+            sa.select(part).where(match).limit(1).scalar_subquery() for part in key
+        )
+        action = "dependent_deleted" if dependent.policy == "delete" else "dependent_nullified"
+        count = journal.record(action, table, pointing, key=(owner[0], owner[1]))
+    else:
+        action = (
+            "task_dependent_deleted"
+            if dependent.policy == "delete"
+            else "task_dependent_nullified"
+        )
+        count = journal.record(action, table, pointing)
+    if count == 0:
+        return 0
+    if dependent.policy == "delete":
+        connection.execute(sa.delete(table).where(pointing))
+    else:
+        connection.execute(
+            sa.update(table).where(pointing).values({c.name: None for c in dependent.columns})
+        )
+    return count
+
+def _pointing(
+    dependent: ResolvedDependent, target: sa.Table, target_where: ColumnElement[bool]
+) -> ColumnElement[bool]:
+    """``dependent``'s rows pointing at the chosen rows of ``target``, as a condition on
+    ``dependent``'s own columns (a subquery: MariaDB cannot join the table it changes)."""
+    references = dependent.references
+    chosen = sa.select(*references).where(target_where)
+    if len(references) == 1:
+        # MariaDB refuses to read the table it changes in a subquery unless materialised.
+        inner = chosen.subquery("chosen")
+        return dependent.columns[0].in_(sa.select(inner.c[references[0].name]))
+    inner = chosen.subquery("chosen")
+    return sa.tuple_(*dependent.columns).in_(
+        sa.select(*(inner.c[r.name] for r in references))
+    )
