@@ -180,7 +180,8 @@ class Service:
         deadline = started + timeout
         for thread in self._threads:
             thread.join(timeout=max(deadline - time.monotonic(), 0.05))
-        stuck = [thread.name for thread in self._threads if thread.is_alive()]
+        stuck_threads = [thread for thread in self._threads if thread.is_alive()]
+        stuck = [thread.name for thread in stuck_threads]
         if stuck:
             log.warning("stopping without waiting longer for %s", ", ".join(stuck))
         with self._watcher_lock:
@@ -194,8 +195,21 @@ class Service:
             abandon_sweep="fswatch-sync-sweeper" in stuck,
         )
         if self._owns_engine:
-            self.store.engine.dispose()
+            if stuck_threads:
+                # A thread still inside a statement holds a connection: disposing now would
+                # orphan it; the pool is closed once that thread is done.
+                threading.Thread(
+                    target=self._dispose_after, args=(stuck_threads,), daemon=True,
+                    name="fswatch-sync-closer",
+                ).start()
+            else:
+                self.store.engine.dispose()
         log.info("stopped %s", self.instance_id)
+
+    def _dispose_after(self, threads: list[threading.Thread]) -> None:
+        for thread in threads:
+            thread.join()
+        self.store.engine.dispose()
 
     def _record_stop(self, limit: float, *, abandon_sweep: bool = False) -> None:
         """The last heartbeat (state stopped), given at most ``limit`` seconds."""

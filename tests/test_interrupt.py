@@ -154,6 +154,7 @@ def test_a_sweep_blocked_on_the_database_is_recorded_interrupted_and_frees_the_l
     for thread in threads:
         thread.join(timeout=30)
         assert not thread.is_alive(), thread.name
+    service.store.engine.dispose()  # the connection the stuck sweep held is back: closed now
     assert _orphans_left(probe) == ORPHANS
     assert _last_sweep(probe)["outcome"] == "interrupted"
     assert _lease_free(probe)

@@ -190,7 +190,7 @@ def run_workers(
             assert worker.read_line(timeout=30) == "ready"
         for worker in workers:
             worker.send("go")
-        results = [json.loads(worker.read_line(timeout=RUN_SECONDS + 30)) for worker in workers]
+        results = [json.loads(worker.read_line(timeout=RUN_SECONDS + 90)) for worker in workers]
         for worker in workers:
             assert worker.process.wait(timeout=10) == 0
     finally:
