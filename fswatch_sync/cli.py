@@ -255,6 +255,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings, out: TextIO) -> int
     found = records.instances(store.engine, now=now, stale_after=stale)
     sweeps = records.recent_sweeps(store.engine)
     lease_holder = records.Lease(store.engine, "status").current_holder()
+    marked = store.count_marked()
     if args.json:
         out.write(json.dumps({
             "database": settings.redacted_database_url(),
@@ -262,10 +263,13 @@ def cmd_status(args: argparse.Namespace, settings: Settings, out: TextIO) -> int
             "instances": found,
             "sweeps": sweeps,
             "sweep_lease_holder": lease_holder,
+            "apps_marked_missing": marked,
         }, default=str) + "\n")
         return EXIT_OK
     out.write(f"database  {printable(settings.redacted_database_url())}\n"
-              f"root      {printable(str(settings.root))}\n\n")
+              f"root      {printable(str(settings.root))}\n")
+    out.write(f"marked    {marked} app(s) missing, waiting out the missing-since grace\n\n"
+              if marked else "\n")
     live = [i for i in found if i["live"]]
     out.write(f"instances ({len(live)} live)\n")
     _print_table(

@@ -49,6 +49,11 @@ class ServiceCollector:
             value=stats["queue_depth"],
         )
         yield GaugeMetricFamily(
+            "fswatch_sync_apps_marked_missing",
+            "App keys marked missing, waiting out the missing-since grace.",
+            value=stats.get("apps_marked_missing", 0),
+        )
+        yield GaugeMetricFamily(
             "fswatch_sync_watches", "Directories watched.", value=stats["watches"]
         )
         yield GaugeMetricFamily(

@@ -278,6 +278,8 @@ class Service:
             self.stats.add("tasks_cancelled", report.orphan_tasks + report.stuck_pending)
             self.stats.add("tasks_failed", report.stuck_running)
             self.stats.add("tasks_purged", report.old_tasks)
+        if self.settings.missing_grace_minutes > 0:
+            self.stats.set("apps_marked_missing", self.store.count_marked())
 
     def _next_period(self) -> float:
         spread = self.settings.sweep_jitter_fraction

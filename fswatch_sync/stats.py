@@ -29,7 +29,7 @@ class Stats:
         self._lock = threading.Lock()
         self._values: dict[str, Any] = dict.fromkeys(COUNTERS, 0)
         self._values.update(
-            queue_depth=0, poison_keys=0, poison=[], watch_state="starting",
+            queue_depth=0, apps_marked_missing=0, poison_keys=0, poison=[], watch_state="starting",
             last_sweep_at=None, last_sweep=None,
             last_sweep_timestamp=0.0, sweep_duration_sum=0.0,
             sweep_duration_buckets=[0] * (len(SWEEP_DURATION_BUCKETS) + 1),

@@ -339,6 +339,11 @@ class Store:
             isolate=isolate,
         )
 
+    def count_marked(self) -> int:
+        """How many app keys are marked missing now (waiting out the missing-since grace)."""
+        with self._reading() as connection:
+            return len(Marks(self.host).all_marked(connection))
+
     def clear_marks_of(self, present: set[AppKey]) -> int:
         """Forget the missing-since marks of keys whose directory is back."""
         marks = Marks(self.host)

@@ -7,6 +7,8 @@ column when the mapping names one. The sweep's clock is injected.
 
 from __future__ import annotations
 
+import io
+import json
 import shutil
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -25,7 +27,7 @@ from helpers import (
 )
 from sqlalchemy.engine import Engine
 
-from fswatch_sync import db
+from fswatch_sync import cli, db
 from fswatch_sync.layout import AppKey
 from fswatch_sync.schema import missing_table
 from fswatch_sync.settings import load_settings
@@ -63,6 +65,11 @@ def test_sweep_marks_then_removes_after_the_grace_and_a_return_clears_the_mark(
         assert first.orphan_tasks == 2  # a marked app's active tasks are cancelled at once
         assert app_keys(engine) == {GONE, BACK, STAYS}
         assert marks(engine) == {GONE, BACK}
+        out = io.StringIO()
+        code = cli.main(
+            ["status", "--json", "--database-url", database_url, "--root", str(apps_root)], out
+        )
+        assert code == 0 and json.loads(out.getvalue())["apps_marked_missing"] == 2
         assert task_row(engine, "1-p")["status"] == "cancelled"
         assert task_row(engine, "3-p")["status"] == "pending"
 
