@@ -97,22 +97,19 @@ def _task_batch(
     store: Store,
     rule: TaskRule, after: Any, size: int, source: str, now: datetime, collect: bool
 ) -> tuple[Any, int, list[TaskChange]]:
+    """One transaction: the next ``size`` tasks ``rule`` matches after ``after``, journalled
+    and changed. Returns (the batch's last key or None when there is none, rows, changes)."""
     host = store.host
     pk = host.task_col("id")
     with store._write() as connection:
         window = rule.where if after is None else sa.and_(rule.where, pk > after)
-        pks = list(
-            connection.execute(
-                store.locked(sa.select(pk).where(window).order_by(pk).limit(size), connection)
-            ).scalars()
-        )
-        if not pks:
+        chosen, upper, count = _next_batch(store, connection, window, size)
+        if upper is None:
             return None, 0, []
-        chosen = db.one_of(pk, pks)
         new_status = rule.effect.status if isinstance(rule.effect, SetStatus) else None
         changes = _task_changes(host, connection, chosen, new_status) if collect else []
         journal = JournalWriter(connection, source=source, now=now)
-        journal.record(
+        journalled = journal.record(
             rule.action,
             host.tasks,
             chosen,
@@ -123,17 +120,34 @@ def _task_batch(
         if isinstance(rule.effect, Delete):
             for dependent in host.task_dependents:
                 if dependent.policy != "restrict":
-                    follow_policy(
-                        connection, dependent, host.tasks, chosen, journal, None
-                    )
+                    follow_policy(connection, dependent, host.tasks, chosen, journal, None)
             result = connection.execute(sa.delete(host.tasks).where(chosen))
         else:
             result = set_status(host, connection, chosen, rule.effect, now)
-        if result.rowcount != len(pks):
+        expected = journalled if count is None else count
+        if result.rowcount != expected or journalled != expected:
             raise db.StaleRead(
-                f"{len(pks) - result.rowcount} task(s) changed under the tool's lock"
+                f"{expected - result.rowcount} task(s) changed under the tool's lock"
             )
-    return pks[-1], len(pks), changes
+    return upper, int(result.rowcount), changes
+
+
+def _next_batch(
+    store: Store, connection: Connection, window: ColumnElement[bool], size: int
+) -> tuple[ColumnElement[bool], Any, int | None]:
+    """The batch's rows as a condition, its last key, and how many rows it holds.
+
+    The keys are read (locked by ``FOR UPDATE`` on the servers; SQLite's transaction holds the
+    write lock) and the batch's statements find their rows by key: a key range with the rule's
+    predicate would make every statement scan the range again, matching rows or not.
+    """
+    pk = store.host.task_col("id")
+    ordered = sa.select(pk).where(window).order_by(pk).limit(size)
+    pks = list(connection.execute(store.locked(ordered, connection)).scalars())
+    if not pks:
+        return sa.false(), None, 0
+    return db.one_of(pk, pks), pks[-1], len(pks)
+
 
 def _task_changes(
     host: HostTables, connection: Connection, where: ColumnElement[bool], new_status: str | None
