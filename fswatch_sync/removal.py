@@ -143,26 +143,8 @@ def _remove_batch(
             if still_absent is not None and not still_absent(key):
                 outcome.present.append(key)
                 del ids_by_key[key]
-        journal = JournalWriter(connection, source=source, now=now)
-        marks = Marks(host) if missing_grace is not None else None
-        if marks is not None:
-            marks.clear(connection, outcome.present)
-        if marks is not None and missing_grace is not None and ids_by_key:
-            found = marks.read(connection, ids_by_key)
-            fresh = sorted(key for key in ids_by_key if key not in found)
-            if fresh:
-                marks.mark(connection, fresh, now)
-                outcome.marked = fresh
-                journal.record(
-                    "app_marked_missing",
-                    host.apps,
-                    app_keys(host, fresh),
-                    key=(slug_col, number_col),
-                )
-                if cancel_when_missing:
-                    _cancel_tasks(store, connection, fresh, journal, now, outcome, collect)
-            due = now - missing_grace
-            ids_by_key = {k: v for k, v in ids_by_key.items() if k in found and found[k] <= due}
+        # Restricting tables first: an app they hold is left entirely untouched (not even
+        # marked missing), whatever else would happen to it.
         for dependent in host.dependents:
             if dependent.policy != "restrict" or not ids_by_key:
                 continue
@@ -177,6 +159,12 @@ def _remove_batch(
             for key in blocked:
                 del ids_by_key[key]
                 outcome.blocked.append(key)
+        journal = JournalWriter(connection, source=source, now=now)
+        if missing_grace is not None:
+            ids_by_key = _mark_or_due(
+                store, connection, ids_by_key, outcome, journal, now,
+                missing_grace=missing_grace, cancel=cancel_when_missing, collect=collect,
+            )
         if not ids_by_key:
             return outcome
         removing = sorted(ids_by_key)
@@ -196,11 +184,46 @@ def _remove_batch(
         deleted = connection.execute(sa.delete(host.apps).where(chosen)).rowcount
         if deleted != journalled:
             raise db.StaleRead(f"{journalled - deleted} app row(s) changed under the tool's lock")
-        if marks is not None:
-            marks.clear(connection, removing)
+        if missing_grace is not None:
+            Marks(host).clear(connection, removing)
         outcome.removed = removing
         outcome.removed_rows = int(deleted)
     return outcome
+
+
+def _mark_or_due(
+    store: Store,
+    connection: Connection,
+    ids_by_key: dict[AppKey, list[Any]],
+    outcome: RemovalOutcome,
+    journal: JournalWriter,
+    now: datetime,
+    *,
+    missing_grace: timedelta,
+    cancel: bool,
+    collect: bool,
+) -> dict[AppKey, list[Any]]:
+    """The missing-since grace: mark the keys found missing for the first time (journalled
+    before the mark is written, their active tasks cancelled when ``cancel``), clear the marks
+    of keys that are back, and return the keys marked longer ago than the grace."""
+    host = store.host
+    marks = Marks(host)
+    marks.clear(connection, outcome.present)
+    found = marks.read(connection, ids_by_key)
+    fresh = sorted(key for key in ids_by_key if key not in found)
+    if fresh:
+        journal.record(
+            "app_marked_missing",
+            host.apps,
+            app_keys(host, fresh),
+            key=(host.app_col("model_slug"), host.app_col("app_number")),
+        )
+        marks.mark(connection, fresh, now)
+        outcome.marked = fresh
+        if cancel:
+            _cancel_tasks(store, connection, fresh, journal, now, outcome, collect)
+    due = now - missing_grace
+    return {key: ids for key, ids in ids_by_key.items() if key in found and found[key] <= due}
 
 
 def _cancel_tasks(
