@@ -18,6 +18,8 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.visitors import InternalTraversal
 from tenacity import (
     RetryCallState,
     retry,
@@ -244,3 +246,33 @@ def one_of(column: sa.ColumnElement[Any], values: Iterable[Any]) -> sa.ColumnEle
     if chosen and all(type(value) is int for value in chosen):
         return column.in_(sa.bindparam(None, chosen, expanding=True, literal_execute=True))
     return column.in_(chosen)
+
+
+class _Unindexed(sa.sql.expression.ColumnElement[Any]):
+    """A column SQLite must not look up through an index (``+column``, SQLite's own idiom);
+    the column itself on other backends."""
+
+    inherit_cache = True
+    # A list, as SQLAlchemy declares it on its own elements.
+    _traverse_internals = [("column", InternalTraversal.dp_clauseelement)]  # noqa: RUF012
+
+    def __init__(self, column: sa.ColumnElement[Any]) -> None:
+        self.column = column
+        self.type = column.type
+
+
+@compiles(_Unindexed)
+def _unindexed_default(element: _Unindexed, compiler: Any, **kw: Any) -> str:
+    return str(compiler.process(element.column, **kw))
+
+
+@compiles(_Unindexed, "sqlite")
+def _unindexed_sqlite(element: _Unindexed, compiler: Any, **kw: Any) -> str:
+    return "+" + str(compiler.process(element.column, **kw))
+
+
+def unindexed(column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+    """``column`` for a condition that matches most of a table (terminal tasks): walking the
+    table in key order, as a keyset batch does, beats SQLite's choice of the column's index,
+    which reads every match and sorts them again for each batch."""
+    return _Unindexed(column)
