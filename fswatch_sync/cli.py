@@ -55,7 +55,7 @@ _SWEEP_SETTINGS = frozenset({
     "batch_size", "root_marker", "lease_seconds", "log_level",
 })
 # The settings each command reads, so that its --help lists only flags that change something
-# (the environment and the file may still set any of them: they are shared with the daemon).
+# for it (the environment and the file may set any of them: they are shared with the daemon).
 COMMAND_SETTINGS: dict[str, frozenset[str]] = {
     "run": _ALL_SETTINGS,
     "sweep": _SWEEP_SETTINGS,
@@ -71,11 +71,14 @@ def _settings_parent(command: str) -> _Parser:
     group = parent.add_argument_group("settings (flag > environment > config file > default)")
     group.add_argument("--config", metavar="PATH", help="TOML settings file (FSWATCH_SYNC_CONFIG)")
     for spec in SPECS:
-        if spec.name in SECRET_SETTINGS or spec.name not in COMMAND_SETTINGS[command]:
+        if spec.name in SECRET_SETTINGS:
             continue  # secrets come from the environment or the file, never argv
+        # A flag the command does not read is still accepted (a wrapper may pass one set of
+        # flags to every command) but left out of its --help.
+        used = spec.name in COMMAND_SETTINGS[command]
         group.add_argument(
             spec.flag, dest=f"setting_{spec.name}", metavar="VALUE", default=None,
-            help=f"{spec.help} ({spec.env})",
+            help=f"{spec.help} ({spec.env})" if used else argparse.SUPPRESS,
         )
     return parent
 
@@ -99,7 +102,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         prog=prog, description="Keep app rows and tasks in step with a directory tree."
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, text: str) -> argparse.ArgumentParser:
         return commands.add_parser(

@@ -223,15 +223,18 @@ _EXTRAS = {"postgresql": ("psycopg", "postgres"), "mysql": ("pymysql", "mysql"),
 
 
 def _missing_driver(setting: str, url: URL, module: str | None) -> SettingsError:
-    backend, driver = url.get_backend_name(), url.get_driver_name()
+    # From the text: asking the URL would load the very dialect that is missing.
     shown = url.drivername
+    backend, _, driver = shown.partition("+")
     if backend in _EXTRAS:
         ours, extra = _EXTRAS[backend]
         hint = f"pip install 'fswatch_sync[{extra}]'"
         if driver != ours:
             hint = f"use {backend}+{ours}:// and {hint}, or install {driver}"
-    else:
+    elif driver:
         hint = f"install the {driver} driver"
+    else:
+        hint = f"{backend!r} is not a database SQLAlchemy knows"
     missing = f" ({module} is not installed)" if module else ""
     return SettingsError(setting, f"no driver for {shown!r}{missing}: {hint}")
 

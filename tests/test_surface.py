@@ -413,6 +413,9 @@ def test_each_command_lists_only_its_own_flags(scratch: Path, command: str) -> N
         shown.remove("--heartbeat-seconds")  # status judges liveness by it
     assert shown == [], result.stdout
     assert f"usage: fswatch-sync {command}" in result.stdout
+    # Hidden, not refused: a wrapper passing one set of flags to every command keeps working.
+    accepted = run_cli([command, "--observer", "polling", "--help"], scratch)
+    assert accepted.returncode == 0, accepted.stderr
 
 
 def test_run_lists_every_setting_and_every_option_has_help(scratch: Path) -> None:
