@@ -540,12 +540,12 @@ def test_flask_passthrough_names_the_config_key_of_a_bad_value() -> None:
 
 
 @pytest.mark.parametrize("template", [
-    "{app_number:>20000000}", "{model_slug:.100000}", "{app_number:{model_slug}}", "x" * 600,
+    "{app_number:>20000000}", "{model_slug:.100000}", "{app_number:{model_slug}}", "x" * 1200,
 ])
 def test_cancel_message_is_bounded(template: str) -> None:
     with pytest.raises(SettingsError, match=r"schema\.cancel_message"):
         SchemaConfig.from_mapping({"cancel_message": template})
-    ok = SchemaConfig.from_mapping({"cancel_message": "gone: {model_slug}/app{app_number:>5}"})
+    ok = SchemaConfig.from_mapping({"cancel_message": "gone: {model_slug}/app{app_number}"})
     assert ok.cancel_message.startswith("gone")
 
 
@@ -553,4 +553,4 @@ def test_cancel_message_bound_through_the_command(scratch: Path) -> None:
     config = scratch / "fs.toml"
     config.write_text('[schema]\ncancel_message = "{app_number:>20000000}"\n')
     one_line_error(run_cli(["init-db", "--config", str(config)], scratch), 2,
-                   "schema.cancel_message", "too wide")
+                   "schema.cancel_message", "format spec")
