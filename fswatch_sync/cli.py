@@ -43,6 +43,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_SETTINGS, f"{self.prog}: error: {message}\n")
 
 
+class UsageError(Exception):
+    """The command line asks for something that does not make sense (exit 2)."""
+
+
 class DatabaseNotReady(FswatchSyncError):
     """A command that only reads found no database, or none of the tool's tables (exit 1)."""
 
@@ -175,10 +179,6 @@ def _check_ids(texts: Sequence[str]) -> None:
                     f"--id: {part.strip()!r} spans more than {MAX_ID_RANGE:,} ids;"
                     " use --since/--until or --batch"
                 )
-
-
-class UsageError(Exception):
-    """The command line asks for something that does not make sense (exit 2)."""
 
 
 def _time(setting: str, text: str | None) -> datetime | None:
