@@ -133,6 +133,8 @@ def health(service: Service) -> tuple[bool, dict[str, Any]]:
 
 
 def _handler_for(service: Service, settings: Settings) -> type[BaseHTTPRequestHandler]:
+    http_sweep = threading.Lock()
+
     class Handler(BaseHTTPRequestHandler):
         server_version = "fswatch-sync"
         # One request per connection (HTTP/1.0): nothing is held open between requests.
@@ -197,6 +199,11 @@ def _handler_for(service: Service, settings: Settings) -> type[BaseHTTPRequestHa
             if not token_matches(settings.http_token, self.headers.get("Authorization")):
                 self._json(401, {"error": "a valid bearer token is required"})
                 return
+            # One sweep over HTTP at a time: requests piling up behind a long sweep would each
+            # hold a connection slot until none were left for /healthz.
+            if not http_sweep.acquire(blocking=False):
+                self._json(409, {"error": "a sweep requested over http is already running"})
+                return
             try:
                 report = service.sweep_now(trigger="http")
             except SweepRefused as exc:
@@ -208,6 +215,8 @@ def _handler_for(service: Service, settings: Settings) -> type[BaseHTTPRequestHa
                 self._json(500, {"error": "the sweep failed; see the service's log"})
             else:
                 self._json(200, report.to_dict())
+            finally:
+                http_sweep.release()
 
     return Handler
 

@@ -26,6 +26,7 @@ from fswatch_sync.layout import AppKey
 from fswatch_sync.service import Service
 from fswatch_sync.settings import load_settings
 from fswatch_sync.store import Store
+from fswatch_sync.sweep import SweepReport
 
 SLUG = "model"
 TOKEN = "token-in-a-query-string"
@@ -209,3 +210,37 @@ def test_healthz_turns_unhealthy_after_repeated_sweep_failures(running: Running)
         with probe.begin() as connection:
             connection.execute(sa.text(f"ALTER TABLE broken_apps RENAME TO {APPS.name}"))
         wait_until(lambda: running.get("/healthz")[0] == 200, 30, "/healthz healthy again")
+
+
+def test_one_http_sweep_at_a_time(monkeypatch: pytest.MonkeyPatch, running: Running) -> None:
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_sweep(**_kwargs: Any) -> SweepReport:
+        entered.set()
+        assert release.wait(20)
+        return SweepReport()
+
+    monkeypatch.setattr(running.service, "sweep_now", slow_sweep)
+
+    def post() -> int:
+        connection = http.client.HTTPConnection("127.0.0.1", running.server.port, timeout=30)
+        try:
+            connection.request("POST", "/sweep", headers={"Authorization": f"Bearer {TOKEN}"})
+            response = connection.getresponse()
+            response.read()
+            return response.status
+        finally:
+            connection.close()
+
+    first: list[int] = []
+    worker = threading.Thread(target=lambda: first.append(post()))
+    worker.start()
+    try:
+        assert entered.wait(10)
+        # Others are answered at once instead of queueing behind the running sweep.
+        assert [post() for _ in range(5)] == [409] * 5
+        assert running.get("/healthz", timeout=5)[0] == 200
+    finally:
+        release.set()
+        worker.join(timeout=20)
+    assert first == [200]
