@@ -52,17 +52,17 @@ class DatabaseNotReady(FswatchSyncError):
 
 
 _ALL_SETTINGS = frozenset(spec.name for spec in SPECS)
-_SWEEP_SETTINGS = frozenset({
-    "root", "database_url", "running_timeout_minutes", "pending_timeout_minutes",
-    "task_retention_days", "journal_retention_days", "app_grace_minutes", "cleanup_orphan_apps",
-    "cleanup_orphan_tasks", "cleanup_stuck_tasks", "cleanup_old_tasks", "max_delete_fraction",
-    "batch_size", "root_marker", "lease_seconds", "log_level",
+# What only the long-running service reads: the sweep reads every other setting (so that a
+# setting added later reaches the sweep's --help unless it is put here).
+_DAEMON_ONLY = frozenset({
+    "interval_seconds", "enabled", "observer", "polling_interval_seconds", "settle_ms",
+    "max_pending_events", "heartbeat_seconds", "sweep_jitter_fraction", "http", "http_token",
 })
 # The settings each command reads, so that its --help lists only flags that change something
 # for it (the environment and the file may set any of them: they are shared with the daemon).
 COMMAND_SETTINGS: dict[str, frozenset[str]] = {
     "run": _ALL_SETTINGS,
-    "sweep": _SWEEP_SETTINGS,
+    "sweep": _ALL_SETTINGS - _DAEMON_ONLY,
     "status": frozenset({"root", "database_url", "heartbeat_seconds", "log_level"}),
     "init-db": frozenset({"database_url", "log_level"}),
     "journal": frozenset({"database_url", "log_level"}),
