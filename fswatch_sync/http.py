@@ -204,19 +204,21 @@ def _handler_for(service: Service, settings: Settings) -> type[BaseHTTPRequestHa
             if not http_sweep.acquire(blocking=False):
                 self._json(409, {"error": "a sweep requested over http is already running"})
                 return
+            # Released before the answer goes out: a client that asks again as soon as it has
+            # its answer must find the sweep finished.
             try:
                 report = service.sweep_now(trigger="http")
+                code, payload = 200, report.to_dict()
             except SweepRefused as exc:
-                self._json(409, {"error": str(exc), "refused": True})
+                code, payload = 409, {"error": str(exc), "refused": True}
             except (LeaseUnavailable, LeaseLost) as exc:
-                self._json(409, {"error": str(exc)})
+                code, payload = 409, {"error": str(exc)}
             except Exception as exc:
                 log.error("sweep requested over http failed: %s", _first_line(exc))
-                self._json(500, {"error": "the sweep failed; see the service's log"})
-            else:
-                self._json(200, report.to_dict())
+                code, payload = 500, {"error": "the sweep failed; see the service's log"}
             finally:
                 http_sweep.release()
+            self._json(code, payload)
 
     return Handler
 
