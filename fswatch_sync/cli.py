@@ -1,6 +1,7 @@
 """The ``fswatch-sync`` command line: argument parsing and human/JSON output only.
 
-Exit status: 0 success, 1 failure, 2 bad settings or usage, 3 the sweep's guard refused.
+Exit status: 0 success, 1 failure (including a database that is missing or has no tables for a
+command that only reads), 2 bad settings or usage, 3 the sweep's guard refused.
 """
 
 from __future__ import annotations
@@ -8,14 +9,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, NoReturn, TextIO
 
+import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 
-from fswatch_sync import db, journal, records
+from fswatch_sync import __version__, db, journal, records
 from fswatch_sync.errors import (
     FswatchSyncError,
     LeaseUnavailable,
@@ -24,6 +27,7 @@ from fswatch_sync.errors import (
     SweepRefused,
 )
 from fswatch_sync.layout import is_safe_slug, parse_app_dir_name
+from fswatch_sync.schema import tool_metadata
 from fswatch_sync.settings import SECRET_SETTINGS, SPECS, Settings, load_settings, redact_url
 from fswatch_sync.store import Store
 from fswatch_sync.sweep import Sweeper, SweepReport
@@ -39,63 +43,142 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_SETTINGS, f"{self.prog}: error: {message}\n")
 
 
-def _settings_parent() -> _Parser:
+class UsageError(Exception):
+    """The command line asks for something that does not make sense (exit 2)."""
+
+
+class DatabaseNotReady(FswatchSyncError):
+    """A command that only reads found no database, or none of the tool's tables (exit 1)."""
+
+
+_ALL_SETTINGS = frozenset(spec.name for spec in SPECS)
+# What only the long-running service reads: the sweep reads every other setting (so that a
+# setting added later reaches the sweep's --help unless it is put here).
+_DAEMON_ONLY = frozenset({
+    "interval_seconds", "enabled", "observer", "polling_interval_seconds", "settle_ms",
+    "max_pending_events", "heartbeat_seconds", "sweep_jitter_fraction", "http", "http_token",
+})
+# The settings each command reads, so that its --help lists only flags that change something
+# for it (the environment and the file may set any of them: they are shared with the daemon).
+COMMAND_SETTINGS: dict[str, frozenset[str]] = {
+    "run": _ALL_SETTINGS,
+    "sweep": _ALL_SETTINGS - _DAEMON_ONLY,
+    "status": frozenset({"root", "database_url", "heartbeat_seconds", "log_level"}),
+    "init-db": frozenset({"database_url", "log_level"}),
+    "journal": frozenset({"database_url", "log_level"}),
+    "restore": frozenset({"root", "database_url", "log_level"}),
+}
+
+
+def _settings_parent(command: str) -> _Parser:
     parent = _Parser(add_help=False)
     group = parent.add_argument_group("settings (flag > environment > config file > default)")
     group.add_argument("--config", metavar="PATH", help="TOML settings file (FSWATCH_SYNC_CONFIG)")
     for spec in SPECS:
         if spec.name in SECRET_SETTINGS:
             continue  # secrets come from the environment or the file, never argv
+        # A flag the command does not read is still accepted (a wrapper may pass one set of
+        # flags to every command) but left out of its --help.
+        used = spec.name in COMMAND_SETTINGS[command]
         group.add_argument(
             spec.flag, dest=f"setting_{spec.name}", metavar="VALUE", default=None,
-            help=f"{spec.help} ({spec.env})",
+            help=f"{spec.help} ({spec.env})" if used else argparse.SUPPRESS,
         )
     return parent
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parent = _settings_parent()
+def _count(text: str) -> int:
+    """``--limit``: a whole number, 0 or more (0: no limit)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative; use 0 (no limit) or more")
+    return value
+
+
+JOURNAL_LIMIT = 50
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     parser = _Parser(
-        prog=PROG, description="Keep app rows and tasks in step with a directory tree."
+        prog=prog, description="Keep app rows and tasks in step with a directory tree."
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    commands.add_parser("run", parents=[parent], help="run the daemon: watch and sweep")
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name, parents=[_settings_parent(name)], help=text, description=text
+        )
 
-    sweep = commands.add_parser("sweep", parents=[parent], help="one full reconciliation pass")
+    command("run", "run the daemon: start-up sweep, then watch and sweep periodically")
+
+    sweep = command("sweep", "one full reconciliation pass, then exit")
     sweep.add_argument(
         "--dry-run", action="store_true", help="change nothing; report what a run would do"
     )
     sweep.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    sweep.add_argument("--force", action="store_true", help="pass the mass-deletion guard")
+    sweep.add_argument(
+        "--force", action="store_true",
+        help="pass the mass-deletion fraction guard (never a missing root)",
+    )
     sweep.add_argument("--now", metavar="ISO", help=argparse.SUPPRESS)
 
-    status = commands.add_parser("status", parents=[parent], help="instances and recent sweeps")
-    status.add_argument("--json", action="store_true")
+    status = command("status", "live instances and recent sweeps, read from the database")
+    status.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
-    commands.add_parser("init-db", parents=[parent], help="create the tables (idempotent)")
+    command("init-db", "create the tables (idempotent)")
 
-    listing = commands.add_parser("journal", parents=[parent], help="list recorded changes")
-    listing.add_argument("--json", action="store_true")
-    listing.add_argument("--limit", type=int, default=50)
+    listing = command("journal", "list recorded changes, newest first")
+    listing.add_argument("--json", action="store_true", help="print a JSON list on stdout")
+    listing.add_argument(
+        "--limit", type=_count, default=JOURNAL_LIMIT, metavar="N",
+        help=f"show at most N entries (default {JOURNAL_LIMIT}; 0 shows every entry)",
+    )
     _add_selection(listing)
     listing.add_argument("--all", action="store_true", help="include entries already restored")
 
-    restore = commands.add_parser("restore", parents=[parent], help="undo recorded changes")
+    restore = command("restore", "undo recorded changes (all or nothing)")
     _add_selection(restore)
-    restore.add_argument("--dry-run", action="store_true")
-    restore.add_argument("--json", action="store_true")
+    restore.add_argument(
+        "--dry-run", action="store_true", help="check and count; change nothing"
+    )
+    restore.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     return parser
 
 
 def _add_selection(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--id", action="append", default=[], metavar="N[,N|N-M]",
-                        help="journal entry ids")
+                        help="journal entry ids (repeatable)")
     parser.add_argument("--batch", metavar="UUID", help="every entry of one transaction")
     parser.add_argument("--since", metavar="ISO", help="entries at or after this UTC time")
     parser.add_argument("--until", metavar="ISO", help="entries at or before this UTC time")
-    parser.add_argument("--app", metavar="SLUG/appN", help="entries of one app")
-    parser.add_argument("--action", help="app_removed, task_cancelled, task_failed, task_purged...")
+    parser.add_argument("--app", metavar="SLUG/appN", help="only entries of this app")
+    parser.add_argument("--action", choices=journal.RESTORABLE, metavar="ACTION",
+                        help=f"only entries of this action: {', '.join(journal.RESTORABLE)}")
+
+
+# One --id range may name this many ids at most: a typo like 1-999999999 must not fill memory.
+MAX_ID_RANGE = 100_000
+
+
+def _check_ids(texts: Sequence[str]) -> None:
+    for text in texts:
+        for part in text.split(","):
+            low, dash, high = part.strip().partition("-")
+            if not dash:
+                continue
+            if not (low.isdigit() and high.isdigit()):
+                raise UsageError(f"--id: {part.strip()!r} is not a range N-M")
+            if int(low) > int(high):
+                raise UsageError(f"--id: {part.strip()!r} is backwards; write {high}-{low}")
+            if int(high) - int(low) >= MAX_ID_RANGE:
+                raise UsageError(
+                    f"--id: {part.strip()!r} spans more than {MAX_ID_RANGE:,} ids;"
+                    " use --since/--until or --batch"
+                )
 
 
 def _time(setting: str, text: str | None) -> datetime | None:
@@ -108,6 +191,7 @@ def _time(setting: str, text: str | None) -> datetime | None:
 
 
 def _selection(args: argparse.Namespace) -> journal.Selection:
+    _check_ids(args.id)
     try:
         ids = journal.parse_ids(args.id)
     except ValueError:
@@ -153,20 +237,26 @@ _COMMANDS_USING_ROOT = frozenset({"run", "sweep"})
 
 
 def _settings_from(
-    args: argparse.Namespace, base_flags: Mapping[str, Any] | None = None
+    args: argparse.Namespace,
+    base_flags: Mapping[str, Any] | None = None,
+    base_origins: Mapping[str, str] | None = None,
 ) -> Settings:
-    """Settings from argv flags, then ``base_flags`` (a host app's config), env, file, default."""
+    """Settings from argv flags, then ``base_flags`` (a host app's config, named in errors as
+    ``base_origins`` says), env, file, default."""
     flags = dict(base_flags or {})
     config_path = flags.pop("config", None)
-    flags.update(
-        (key.removeprefix("setting_"), value)
+    from_argv = {
+        key.removeprefix("setting_"): value
         for key, value in vars(args).items()
         if key.startswith("setting_") and value is not None
-    )
+    }
+    flags.update(from_argv)
+    origins = {k: v for k, v in (base_origins or {}).items() if k not in from_argv}
     return load_settings(
         flags,
         config_path=args.config or config_path,
         require_root=args.command in _COMMANDS_USING_ROOT,
+        flag_origins=origins,
     )
 
 
@@ -176,6 +266,31 @@ _opened: list[Any] = []  # engines a command opened; main() closes their pools w
 def open_store(settings: Settings) -> Store:
     store = Store.from_settings(settings)
     _opened.append(store.engine)
+    return store
+
+
+_INIT_HINT = "run 'fswatch-sync init-db' (or start 'fswatch-sync run') first"
+
+
+def open_existing_store(settings: Settings) -> Store:
+    """The store of a database that already holds the tool's tables; creates nothing.
+
+    Read-only commands use it: a mistyped SQLite path must not leave a new empty database
+    behind, and reading must never create tables."""
+    url = sa.make_url(settings.database_url)
+    shown = redact_url(settings.database_url)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        uri = str(url.query.get("uri", "")).lower() in ("1", "true")
+        if not uri and not os.path.isfile(url.database):
+            raise DatabaseNotReady(f"no database at {url.database!r} ({shown}); {_INIT_HINT}")
+    store = open_store(settings)
+    present = set(sa.inspect(store.engine).get_table_names())
+    missing = [name for name in tool_metadata.tables if name not in present]
+    if missing:
+        raise DatabaseNotReady(
+            f"{shown} has no {', '.join(sorted(missing))} table"
+            f"{'s' if len(missing) > 1 else ''}; {_INIT_HINT}"
+        )
     return store
 
 
@@ -213,7 +328,11 @@ def cmd_sweep(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
         report = sweeper.run(now=now, dry_run=args.dry_run, force=args.force, trigger="manual")
         code = EXIT_OK
     except SweepRefused as exc:
-        report = SweepReport(dry_run=args.dry_run, forced=args.force, refused=str(exc))
+        refused = getattr(exc, "report", None)
+        report = (
+            refused if isinstance(refused, SweepReport)
+            else SweepReport(dry_run=args.dry_run, forced=args.force, refused=str(exc))
+        )
         code = EXIT_REFUSED
         sys.stderr.write(f"{PROG}: refused: {printable(str(exc))}\n")
     if args.json:
@@ -248,8 +367,7 @@ def cmd_init_db(args: argparse.Namespace, settings: Settings, out: TextIO) -> in
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
-    store = open_store(settings)
-    store.ensure_tool_tables()
+    store = open_existing_store(settings)
     now = db.utcnow()
     stale = timedelta(seconds=max(3 * settings.heartbeat_seconds, 30))
     found = records.instances(store.engine, now=now, stale_after=stale)
@@ -288,34 +406,83 @@ def cmd_status(args: argparse.Namespace, settings: Settings, out: TextIO) -> int
     return EXIT_OK
 
 
+# ``--limit 0``: a bound every backend's LIMIT accepts and no journal reaches.
+_NO_LIMIT = 2**62
+
+
 def cmd_journal(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
-    store = open_store(settings)
-    store.ensure_tool_tables()
-    entries = journal.list_entries(store.engine, _selection(args), limit=args.limit)
+    selection = _selection(args)
+    store = open_existing_store(settings)
+    limit = args.limit or _NO_LIMIT
+    entries = journal.list_entries(store.engine, selection, limit=min(limit + 1, _NO_LIMIT))
+    truncated = len(entries) > limit
+    entries = entries[:limit]
     if args.json:
         out.write(json.dumps(entries, default=str) + "\n")
-        return EXIT_OK
-    rows: list[tuple[Any, ...]] = [("id", "at", "action", "source", "app", "status", "restored")]
-    for e in entries:
-        app = f"{e['model_slug']}/app{e['app_number']}" if e["model_slug"] is not None else ""
-        status = f"{e['old_status']} -> {e['new_status']}" if e["new_status"] else ""
-        rows.append((e["id"], e["at"], e["action"], e["source"], app, status,
-                     e["restored_at"] or ""))
-    _print_table(rows, out)
+    else:
+        rows: list[tuple[Any, ...]] = [
+            ("id", "at", "action", "source", "app", "status", "restored")
+        ]
+        for e in entries:
+            app = f"{e['model_slug']}/app{e['app_number']}" if e["model_slug"] is not None else ""
+            status = f"{e['old_status']} -> {e['new_status']}" if e["new_status"] else ""
+            rows.append((e["id"], e["at"], e["action"], e["source"], app, status,
+                         e["restored_at"] or ""))
+        _print_table(rows, out)
+        if not entries:
+            out.write("no journal entries match\n")
+    if truncated:
+        sys.stderr.write(
+            f"{PROG}: showing the newest {limit} entries; more match"
+            " (--limit N shows more, --limit 0 all)\n"
+        )
     return EXIT_OK
 
 
+def _restored_apps(store: Store, selection: journal.Selection) -> list[tuple[str, int]]:
+    """The apps whose removal a restore of ``selection`` puts back (entries not yet restored)."""
+    if selection.action not in (None, "app_removed"):
+        return []
+    narrowed = journal.Selection(**{**selection.__dict__, "action": "app_removed",
+                                    "include_restored": False})
+    entries = journal.list_entries(store.engine, narrowed, limit=_NO_LIMIT)
+    return sorted({(e["model_slug"], int(e["app_number"])) for e in entries
+                   if e["model_slug"] is not None and e["app_number"] is not None})
+
+
 def cmd_restore(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
-    store = open_store(settings)
-    store.ensure_tool_tables()
-    result = journal.restore(store, _selection(args), dry_run=args.dry_run)
+    selection = _selection(args)
+    if not (selection.ids or selection.batch_id or selection.since or selection.until):
+        narrowing = " and ".join(f for f, v in (("--app", args.app), ("--action", args.action))
+                                 if v)
+        raise UsageError(
+            "restore needs entries chosen with --id, --batch or --since/--until"
+            + (f" ({narrowing} only narrows that choice)" if narrowing else "")
+        )
+    store = open_existing_store(settings)
+    apps = _restored_apps(store, selection)
+    result = journal.restore(store, selection, dry_run=args.dry_run)
+    missing = [
+        f"{slug}/app{number}" for slug, number in apps
+        if not (settings.root / slug / f"app{number}").is_dir()
+    ]
     if args.json:
         out.write(json.dumps({"restored": result.restored, "by_action": result.by_action,
-                              "dry_run": args.dry_run}) + "\n")
+                              "dry_run": args.dry_run, "still_missing": missing}) + "\n")
     else:
         verb = "would restore" if args.dry_run else "restored"
         details = ", ".join(f"{n} {a}" for a, n in sorted(result.by_action.items()))
         out.write(f"{verb} {result.restored} entries ({details})\n")
+    if missing:
+        shown = ", ".join(printable(name) for name in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        log.warning(
+            "%d restored app%s still ha%s no directory under %s (%s%s): the next sweep will"
+            " remove %s again unless %s back",
+            len(missing), "s" if len(missing) > 1 else "", "ve" if len(missing) > 1 else "s",
+            settings.root, shown, more, "them" if len(missing) > 1 else "it",
+            "they come" if len(missing) > 1 else "it comes",
+        )
     return EXIT_OK
 
 
@@ -339,26 +506,45 @@ def main(
     argv: Sequence[str] | None = None,
     out: TextIO | None = None,
     base_flags: Mapping[str, Any] | None = None,
+    *,
+    prog: str = PROG,
+    base_origins: Mapping[str, str] | None = None,
 ) -> int:
-    """Run one command; ``base_flags`` are settings a host app configured (argv flags win)."""
-    args = build_parser().parse_args(argv)
+    """Run one command; ``base_flags`` are settings a host app configured (argv flags win),
+    ``base_origins`` the names its errors give them, ``prog`` the name usage lines show."""
     out = out or sys.stdout
     try:
-        settings = _settings_from(args, base_flags)
+        args = build_parser(prog).parse_args(argv)
+        # Early, so that what loading the settings warns about is seen; set again below.
+        configure_logging("INFO")
+        settings = _settings_from(args, base_flags, base_origins)
         configure_logging(settings.log_level)
-        return COMMANDS[args.command](args, settings, out)
+        code = COMMANDS[args.command](args, settings, out)
+        out.flush()
+        return code
+    except BrokenPipeError:
+        # The reader went away (``| head``): the rest of the output has nowhere to go. Point
+        # stdout at /dev/null so that the interpreter's last flush cannot fail a second time.
+        if out is sys.stdout:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        return EXIT_FAILURE
+    except UsageError as exc:
+        sys.stderr.write(f"{prog}: error: {exc}\n")
+        return EXIT_SETTINGS
     except SettingsError as exc:
-        sys.stderr.write(f"{PROG}: error: {printable(str(exc))}\n")
+        sys.stderr.write(f"{prog}: error: {printable(str(exc))}\n")
         return EXIT_SETTINGS
     except SweepRefused as exc:  # pragma: no cover - handled in cmd_sweep
-        sys.stderr.write(f"{PROG}: refused: {printable(str(exc))}\n")
+        sys.stderr.write(f"{prog}: refused: {printable(str(exc))}\n")
         return EXIT_REFUSED
     except (RestoreConflict, LeaseUnavailable, FswatchSyncError) as exc:
         # A restore conflict names the app: one line whatever its slug holds.
-        sys.stderr.write(f"{PROG}: {printable(str(exc))}\n")
+        sys.stderr.write(f"{prog}: {printable(str(exc))}\n")
         return EXIT_FAILURE
     except SQLAlchemyError as exc:
-        sys.stderr.write(f"{PROG}: database error: {first_line(exc)}\n")
+        sys.stderr.write(f"{prog}: database error: {first_line(exc)}\n")
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130

@@ -31,13 +31,19 @@ def run_daemon(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGHUP, on_hup)
-    service.start()
+    server = None
     if settings.http:
         from fswatch_sync.http import serve
 
+        # Bound before the service starts: a busy port is reported at once, before the
+        # start-up sweep has changed anything (/healthz answers 503 until the service runs).
         server = serve(service, settings)
-    else:
-        server = None
+    try:
+        service.start()
+    except BaseException:
+        if server is not None:
+            server.shutdown()
+        raise
     try:
         while not stop.wait(timeout=1.0):
             pass

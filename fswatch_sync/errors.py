@@ -17,7 +17,12 @@ class SettingsError(FswatchSyncError):
 
 
 class SweepRefused(FswatchSyncError):
-    """The sweep's guard refused to act; nothing was changed (exit status 3)."""
+    """The sweep's guard refused to act; nothing was changed (exit status 3).
+
+    ``report`` is the refused sweep's report (the figures the guard judged), when one exists.
+    """
+
+    report: object = None
 
 
 class RestoreConflict(FswatchSyncError):

@@ -36,7 +36,6 @@ import os
 import sys
 import threading
 import time
-import tomllib
 import weakref
 from typing import Any
 
@@ -47,7 +46,7 @@ from flask.cli import AppGroup, with_appcontext
 from fswatch_sync import cli
 from fswatch_sync.errors import SettingsError
 from fswatch_sync.service import Service
-from fswatch_sync.settings import CONFIG_ENV, SPECS, load_settings
+from fswatch_sync.settings import CONFIG_ENV, SPECS, load_settings, read_config_file
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +62,18 @@ def _file_sets(path: str | None, name: str) -> bool:
     if not path:
         return False
     try:
-        with open(path, "rb") as handle:
-            return name in tomllib.load(handle)
-    except (OSError, tomllib.TOMLDecodeError):
+        return name in read_config_file(path)
+    except SettingsError:
         return False
+
+
+def config_origins(app: Flask) -> dict[str, str]:
+    """What an error names for each setting the app's configuration gives: its config key."""
+    return {
+        spec.name: f"{CONFIG_PREFIX}{spec.name.upper()} (Flask config)"
+        for spec in SPECS
+        if app.config.get(CONFIG_PREFIX + spec.name.upper()) is not None
+    }
 
 
 def config_flags(app: Flask) -> dict[str, Any]:
@@ -113,7 +120,7 @@ class FswatchSync:
         app.config.setdefault(CONFIG_PREFIX + "AUTOSTART", True)
         flags = config_flags(app)
         config_path = flags.pop("config", None)
-        settings = load_settings(flags, config_path=config_path)
+        settings = load_settings(flags, config_path=config_path, flag_origins=config_origins(app))
         service = Service(settings)
         app.extensions[EXTENSION_KEY] = service
         app.cli.add_command(_command_group())
@@ -194,7 +201,12 @@ def _passthrough(name: str) -> click.Command:
         logger = logging.getLogger("fswatch_sync")
         saved = logger.handlers[:], logger.level, logger.propagate
         try:
-            code = cli.main([name, *args], base_flags=config_flags(current_app))
+            code = cli.main(
+                [name, *args],
+                base_flags=config_flags(current_app),
+                base_origins=config_origins(current_app),
+                prog="flask fswatch-sync",
+            )
         finally:
             logger.handlers[:], logger.level, logger.propagate = saved
         sys.stdout.flush()

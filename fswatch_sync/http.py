@@ -3,14 +3,24 @@
 Bound to loopback unless told otherwise; a bind beyond loopback is refused at start without a
 token (see settings). ``POST /sweep`` needs ``Authorization: Bearer <FSWATCH_SYNC_HTTP_TOKEN>``,
 compared in constant time; with no token configured it is refused outright.
+
+Bounded so that no client can exhaust the daemon: every connection has READ_TIMEOUT_SECONDS to
+send its request and REQUEST_TIMEOUT_SECONDS overall, at most MAX_CONNECTIONS are open at once,
+and when a new client arrives at the cap the oldest connection that has not yet sent a whole
+request is closed to make room (idle clients cannot keep ``/healthz`` from answering). Errors
+are one log line each; clients never see exception text.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
+import socket
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
@@ -26,6 +36,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WATCH_STATES = ("starting", "watching", "root-missing", "root-empty", "stopped")
+
+MAX_CONNECTIONS = 32
+LISTEN_BACKLOG = 128
+READ_TIMEOUT_SECONDS = 5.0
+# /healthz turns 503 after this many sweeps in a row failed (not refused, not skipped): a daemon
+# that can no longer maintain anything must not look healthy.
+UNHEALTHY_AFTER_FAILED_SWEEPS = 3
 
 
 class ServiceCollector:
@@ -102,12 +119,46 @@ def token_matches(expected: str, header: str | None) -> bool:
     return hmac.compare_digest(given.strip().encode(), expected.encode())
 
 
+def health(service: Service) -> tuple[bool, dict[str, Any]]:
+    """Whether the service is healthy, and the JSON ``/healthz`` answers with."""
+    stats = service.stats.snapshot()
+    failed = int(stats.get("sweep_failures_in_a_row", 0))
+    body: dict[str, Any] = {"ok": True, "watch_state": stats.get("watch_state"),
+                            "sweep_failures_in_a_row": failed}
+    if not service.running:
+        body.update(ok=False, reason="the service is not running")
+    elif failed >= UNHEALTHY_AFTER_FAILED_SWEEPS:
+        body.update(ok=False, reason=f"the last {failed} sweeps failed; see the service's log")
+    return bool(body["ok"]), body
+
+
 def _handler_for(service: Service, settings: Settings) -> type[BaseHTTPRequestHandler]:
+    http_sweep = threading.Lock()
+
     class Handler(BaseHTTPRequestHandler):
         server_version = "fswatch-sync"
+        # One request per connection (HTTP/1.0): nothing is held open between requests.
+        protocol_version = "HTTP/1.0"
+        # Applied to the socket by StreamRequestHandler: a client that stops sending (or
+        # reading) for this long is dropped.
+        timeout = READ_TIMEOUT_SECONDS
 
         def log_message(self, format: str, *args: Any) -> None:
-            log.debug("http %s %s", self.address_string(), format % args)
+            # Never a query string: it may carry a secret (a token pasted into a URL).
+            safe = tuple(a.split("?", 1)[0] if isinstance(a, str) else a for a in args)
+            log.debug("http %s: %s", self.client_address[0], format % safe)
+
+        def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+            path = self.path.split("?", 1)[0] if hasattr(self, "path") else "-"
+            log.debug("http %s %s %s %s", self.client_address[0], self.command, path, code)
+
+        def parse_request(self) -> bool:
+            parsed = super().parse_request()
+            if parsed:
+                server = self.server
+                if isinstance(server, BoundedHTTPServer):
+                    server.mark_busy(self.connection)
+            return parsed
 
         def _send(self, code: int, body: bytes, content_type: str = "application/json") -> None:
             self.send_response(code)
@@ -115,6 +166,7 @@ def _handler_for(service: Service, settings: Settings) -> type[BaseHTTPRequestHa
                 self.send_header("WWW-Authenticate", 'Bearer realm="fswatch-sync"')
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(body)
 
@@ -123,17 +175,22 @@ def _handler_for(service: Service, settings: Settings) -> type[BaseHTTPRequestHa
 
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
-            if path == "/healthz":
-                healthy = service.running
-                state = service.stats.get("watch_state")
-                self._json(200 if healthy else 503, {"ok": healthy, "watch_state": state})
-            elif path == "/status":
-                self._json(200, service.status())
-            elif path == "/metrics":
-                body, content_type = metrics_text(service)
-                self._send(200, body, content_type)
-            else:
-                self._json(404, {"error": "not found"})
+            try:
+                if path == "/healthz":
+                    healthy, body = health(service)
+                    self._json(200 if healthy else 503, body)
+                elif path == "/status":
+                    self._json(200, service.status())
+                elif path == "/metrics":
+                    body_bytes, content_type = metrics_text(service)
+                    self._send(200, body_bytes, content_type)
+                else:
+                    self._json(404, {"error": "not found"})
+            except OSError:
+                raise  # the client went away; handle_error logs it in one line
+            except Exception as exc:
+                log.error("http GET %s failed: %s", path, _first_line(exc))
+                self._json(500, {"error": "internal error; see the service's log"})
 
         def do_POST(self) -> None:
             if self.path.split("?", 1)[0] != "/sweep":
@@ -142,24 +199,100 @@ def _handler_for(service: Service, settings: Settings) -> type[BaseHTTPRequestHa
             if not token_matches(settings.http_token, self.headers.get("Authorization")):
                 self._json(401, {"error": "a valid bearer token is required"})
                 return
+            # One sweep over HTTP at a time: requests piling up behind a long sweep would each
+            # hold a connection slot until none were left for /healthz.
+            if not http_sweep.acquire(blocking=False):
+                self._json(409, {"error": "a sweep requested over http is already running"})
+                return
+            # Released before the answer goes out: a client that asks again as soon as it has
+            # its answer must find the sweep finished.
             try:
                 report = service.sweep_now(trigger="http")
+                code, payload = 200, report.to_dict()
             except SweepRefused as exc:
-                self._json(409, {"error": str(exc), "refused": True})
+                code, payload = 409, {"error": str(exc), "refused": True}
             except (LeaseUnavailable, LeaseLost) as exc:
-                self._json(409, {"error": str(exc)})
+                code, payload = 409, {"error": str(exc)}
             except Exception as exc:
-                log.exception("sweep requested over http failed")
-                self._json(500, {"error": str(exc).splitlines()[0] if str(exc) else
-                                 type(exc).__name__})
-            else:
-                self._json(200, report.to_dict())
+                log.error("sweep requested over http failed: %s", _first_line(exc))
+                code, payload = 500, {"error": "the sweep failed; see the service's log"}
+            finally:
+                http_sweep.release()
+            self._json(code, payload)
 
     return Handler
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+class BoundedHTTPServer(ThreadingHTTPServer):
+    """A threading server with a cap on open connections and one log line per error."""
+
+    daemon_threads = True
+    request_queue_size = LISTEN_BACKLOG
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler],
+                 *, max_connections: int = MAX_CONNECTIONS) -> None:
+        self.max_connections = max_connections
+        # Open connections: socket -> (accepted at, whether a whole request was read).
+        self._open: dict[socket.socket, tuple[float, bool]] = {}
+        self._open_lock = threading.Lock()
+        self.evicted = 0
+        super().__init__(address, handler)
+
+    @property
+    def open_connections(self) -> int:
+        with self._open_lock:
+            return len(self._open)
+
+    def mark_busy(self, connection: socket.socket) -> None:
+        with self._open_lock:
+            if connection in self._open:
+                self._open[connection] = (self._open[connection][0], True)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        victim: socket.socket | None = None
+        with self._open_lock:
+            if len(self._open) >= self.max_connections:
+                idle = [(at, s) for s, (at, busy) in self._open.items() if not busy]
+                if idle:
+                    victim = min(idle, key=lambda item: item[0])[1]
+                    del self._open[victim]
+                    self.evicted += 1
+            full = len(self._open) >= self.max_connections
+            if not full:
+                self._open[request] = (time.monotonic(), False)
+        if victim is not None:
+            # Wakes the thread blocked reading from it; that thread then closes it.
+            with contextlib.suppress(OSError):
+                victim.shutdown(socket.SHUT_RDWR)
+        if full:  # every slot is serving a real request: this client tries again later
+            log.warning("http: %d connections busy; refusing %s", self.max_connections,
+                        client_address[0])
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._open_lock:
+            self._open.pop(request, None)
+        super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ConnectionError | TimeoutError):
+            log.debug("http %s: %s", client_address[0], _first_line(exc))
+        else:
+            log.warning("http %s: %s", client_address[0],
+                        _first_line(exc) if exc else "unknown error")
+
+
 class HttpServer:
-    def __init__(self, server: ThreadingHTTPServer, thread: threading.Thread) -> None:
+    def __init__(self, server: BoundedHTTPServer, thread: threading.Thread) -> None:
         self.server = server
         self.thread = thread
 
@@ -187,8 +320,12 @@ def serve(service: Service, settings: Settings) -> HttpServer:
         raise SettingsError(
             "http", f"binding {host!r} beyond loopback needs FSWATCH_SYNC_HTTP_TOKEN"
         )
-    server = ThreadingHTTPServer((host, port), _handler_for(service, settings))
-    server.daemon_threads = True
+    try:
+        server = BoundedHTTPServer((host, port), _handler_for(service, settings))
+    except OSError as exc:
+        raise SettingsError(
+            "http", f"cannot listen on {settings.http}: {exc.strerror or exc}"
+        ) from None
     thread = threading.Thread(
         target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="fswatch-sync-http",
         daemon=True,

@@ -154,8 +154,13 @@ class Service:
                 thread.join(timeout=2)
             self._threads = []
             raise
-        if self.initial_sweep:
+        if self.initial_sweep and self.settings.enabled:
             self.request_sweep("startup")
+        elif self.initial_sweep:
+            # enabled = false turns off the sweeps the service starts by itself (start-up and
+            # periodic); the reactor still acts on removals, and SIGHUP or POST /sweep still
+            # sweep on request.
+            log.info("enabled = false: no start-up or periodic sweep; removals still handled")
         log.info(
             "started %s: root %s, database %s, %s observer",
             self.instance_id,
@@ -373,8 +378,11 @@ class Service:
             log.info("sweep (%s) interrupted: the service is stopping", trigger)
         except Exception:
             self.stats.add("errors")
+            # Read by /healthz: maintenance that keeps failing makes the instance unhealthy.
+            self.stats.add("sweep_failures_in_a_row")
             log.exception("sweep (%s) failed; trying again later", trigger)
             return False
+        self.stats.set("sweep_failures_in_a_row", 0)
         return True
 
     # -- watching the root ------------------------------------------------------------------------

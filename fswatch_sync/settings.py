@@ -10,24 +10,37 @@ sets both timeouts unless the specific ones are set.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import inspect
 import ipaddress
+import logging
 import math
 import os
+import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from fswatch_sync.errors import SettingsError
 from fswatch_sync.schema import SchemaConfig
 
+log = logging.getLogger(__name__)
+
 ENV_PREFIX = "FSWATCH_SYNC_"
 CONFIG_ENV = "FSWATCH_SYNC_CONFIG"
 OBSERVER_KINDS = ("auto", "native", "polling")
+# Variables of this project's own test, benchmark and fault tooling: not settings, not typos.
+_TOOLING_ENV_PREFIXES = ("FSWATCH_SYNC_TEST_", "FSWATCH_SYNC_BENCH_", "FSWATCH_SYNC_FAULT_")
+_TOOLING_ENV = frozenset({
+    "FSWATCH_SYNC_CHILD", "FSWATCH_SYNC_REQUIRE_DATABASES", "FSWATCH_SYNC_RELIABILITY_COMMAND",
+})
+# A settings file is a few kilobytes; the cap keeps /dev/zero or a huge file from eating memory.
+MAX_CONFIG_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -70,11 +83,23 @@ class Settings:
         return redact_url(self.database_url)
 
 
+# Query options that carry a secret in some driver's URL syntax (libpq's password and
+# sslpassword, PyMySQL's passwd, ssl_key_password, ...), matched as substrings of the key.
+_SECRET_QUERY_WORDS = ("pass", "pwd", "secret", "token", "credential", "key")
+
+
 def redact_url(url: str) -> str:
+    """The URL with every password hidden: the userinfo one and any in the query string."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
         return "<unparsable database URL>"
+    query = {
+        key: ("***" if any(word in key.lower() for word in _SECRET_QUERY_WORDS) else value)
+        for key, value in parsed.query.items()
+    }
+    rendered = parsed.set(query=query).render_as_string(hide_password=True)
+    return rendered.replace("=%2A%2A%2A", "=***")
 
 
 Parser = Callable[[str, Any], Any]
@@ -192,17 +217,69 @@ def _root(setting: str, raw: Any) -> Path:
     return path
 
 
+# The drivers this package has an extra for, by backend.
+_EXTRAS = {"postgresql": ("psycopg", "postgres"), "mysql": ("pymysql", "mysql"),
+           "mariadb": ("pymysql", "mysql")}
+
+
+def _missing_driver(setting: str, url: URL, module: str | None) -> SettingsError:
+    # From the text: asking the URL would load the very dialect that is missing.
+    shown = url.drivername
+    backend, _, driver = shown.partition("+")
+    if backend in _EXTRAS:
+        ours, extra = _EXTRAS[backend]
+        hint = f"pip install 'fswatch_sync[{extra}]'"
+        if driver != ours:
+            hint = f"use {backend}+{ours}:// and {hint}, or install {driver}"
+    elif driver:
+        hint = f"install the {driver} driver"
+    else:
+        hint = f"{backend!r} is not a database SQLAlchemy knows"
+    missing = f" ({module} is not installed)" if module else ""
+    return SettingsError(setting, f"no driver for {shown!r}{missing}: {hint}")
+
+
+def _check_driver(setting: str, url: URL) -> None:
+    """Import the URL's driver and check its query options against what the driver accepts,
+    so that neither a missing package nor a mistyped option surfaces as a traceback later."""
+    try:
+        dialect_cls = url.get_dialect()
+    except NoSuchModuleError:
+        raise _missing_driver(setting, url, None) from None
+    try:
+        dbapi = dialect_cls.import_dbapi()
+    except ImportError as exc:
+        raise _missing_driver(setting, url, exc.name) from None
+    if not url.query:
+        return
+    try:
+        parameters = list(inspect.signature(dbapi.connect).parameters.values())
+    except (TypeError, ValueError):  # a builtin without a signature (sqlite3): not checkable
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return  # the driver takes any option and names a wrong one itself
+    try:
+        dialect: Any = dialect_cls(dbapi=dbapi)  # type: ignore[call-arg]
+        _args, kwargs = dialect.create_connect_args(url)
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(setting, f"bad query option: {exc}") from None
+    accepted = {p.name for p in parameters}
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], accepted, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise SettingsError(
+            setting, f"query option {unknown[0]!r} is not known to {url.get_driver_name()}{hint}"
+        )
+
+
 def _database_url(setting: str, raw: Any) -> str:
     text = _text(setting, raw)
     try:
         url = make_url(text)
-        url.get_dialect()
     except (ArgumentError, ValueError):
         raise SettingsError(setting, "is not a valid SQLAlchemy database URL") from None
-    except NoSuchModuleError:
-        raise SettingsError(
-            setting, f"no installed driver for {url.drivername!r} (install the matching extra)"
-        ) from None
+    _check_driver(setting, url)
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
         parent = Path(url.database).expanduser().absolute().parent
         if not parent.is_dir():
@@ -370,18 +447,64 @@ _SPEC_BY_NAME = {spec.name: spec for spec in SPECS}
 SECRET_SETTINGS = frozenset({"http_token"})
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def _read_config_bytes(path: Path) -> bytes:
+    shown = repr(str(path))
     try:
-        with path.open("rb") as handle:
-            return tomllib.load(handle)
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused just below.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
-        raise SettingsError("config", f"file {str(path)!r} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise SettingsError("config", f"{str(path)!r} is not valid TOML: {exc}") from None
+        raise SettingsError("config", f"file {shown} does not exist") from None
+    except OSError as exc:
+        raise SettingsError("config", f"cannot read {shown}: {exc.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SettingsError("config", f"{shown} is not a regular file")
+        os.set_blocking(fd, True)
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := os.read(fd, 65536):
+            size += len(chunk)
+            if size > MAX_CONFIG_BYTES:
+                raise SettingsError(
+                    "config", f"{shown} is larger than {MAX_CONFIG_BYTES // 1024} KiB"
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError as exc:
+        raise SettingsError("config", f"cannot read {shown}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The TOML settings file as a table; SettingsError (one line) for anything unusable."""
+    path = Path(path)
+    data = _read_config_bytes(path)
+    try:
+        return tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError:
         raise SettingsError("config", f"{str(path)!r} is not UTF-8 text") from None
-    except OSError as exc:
-        raise SettingsError("config", f"cannot read {str(path)!r}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError("config", f"{str(path)!r} is not valid TOML: {exc}") from None
+    except RecursionError:
+        raise SettingsError("config", f"{str(path)!r} nests tables or arrays too deeply") from None
+
+
+def unknown_environment(environ: Mapping[str, str]) -> list[str]:
+    """``FSWATCH_SYNC_*`` variables that name no setting: each a likely typo, said once."""
+    known = {spec.env for spec in SPECS} | {CONFIG_ENV} | _TOOLING_ENV
+    messages = []
+    for name in sorted(environ):
+        if (
+            not name.startswith(ENV_PREFIX)
+            or name in known
+            or name.startswith(_TOOLING_ENV_PREFIXES)
+        ):
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        messages.append(f"environment variable {name} is not a setting; ignored{hint}")
+    return messages
 
 
 def load_settings(
@@ -390,6 +513,7 @@ def load_settings(
     config_path: str | Path | None = None,
     *,
     require_root: bool = True,
+    flag_origins: Mapping[str, str] | None = None,
 ) -> Settings:
     """Resolve every setting from flags, environment, TOML file and defaults.
 
@@ -397,19 +521,24 @@ def load_settings(
     Raises :class:`SettingsError` naming the first bad setting. A root that is given (by flag,
     environment or file) must have an existing parent; the default root is held to that only
     when ``require_root`` (commands that never look at the tree, such as ``init-db``, pass
-    False so that they work from any directory).
+    False so that they work from any directory). ``flag_origins`` names where a flag value came
+    from when that is not the command line (the Flask extension passes its config keys), so that
+    an error names what the user actually wrote. Unknown ``FSWATCH_SYNC_*`` variables are
+    logged as warnings.
     """
     flags = {key: value for key, value in (flags or {}).items() if value is not None}
     environ = os.environ if environ is None else environ
     unknown_flags = set(flags) - set(_SPEC_BY_NAME)
     if unknown_flags:
         raise SettingsError(sorted(unknown_flags)[0], "is not a known setting")
+    for message in unknown_environment(environ):
+        log.warning("%s", message)
 
     path_text = config_path if config_path is not None else environ.get(CONFIG_ENV) or None
     file_values: dict[str, Any] = {}
     schema_table: dict[str, Any] = {}
     if path_text is not None:
-        file_values = _read_toml(Path(path_text))
+        file_values = read_config_file(path_text)
         raw_schema = file_values.pop("schema", {})
         if not isinstance(raw_schema, dict):
             raise SettingsError("schema", "must be a TOML table ([schema])")
@@ -421,7 +550,7 @@ def load_settings(
     values: dict[str, Any] = {}
     for spec in SPECS:
         if spec.name in flags:
-            raw, origin = flags[spec.name], spec.flag
+            raw, origin = flags[spec.name], (flag_origins or {}).get(spec.name, spec.flag)
         elif spec.env in environ:
             raw, origin = environ[spec.env], spec.env
         elif spec.name in file_values:

@@ -234,6 +234,7 @@ class Sweeper:
             except SweepRefused as exc:
                 outcome, message = "refused", str(exc)
                 report.refused = str(exc)
+                exc.report = report  # what the guard saw, for the caller's --json
                 raise
             except Exception as exc:
                 message = first_line(exc)

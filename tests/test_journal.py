@@ -255,7 +255,8 @@ def test_cli_restore_conflict_is_one_line_and_exit_1(
     out = io.StringIO()
     assert cli.main(["restore", "--batch", entry.batch_id, "--json", *base], out=out) == 0
     assert json.loads(out.getvalue()) == {
-        "restored": 3, "by_action": {"app_removed": 1, "task_cancelled": 2}, "dry_run": False}
+        "restored": 3, "by_action": {"app_removed": 1, "task_cancelled": 2}, "dry_run": False,
+        "still_missing": ["m/app1"]}
     assert host_rows(store)["tasks"]["1-running"]["status"] == "running"
 
 
