@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -22,7 +21,6 @@ from fswatch_sync.text import printable
 # The widest app-number column a host can have (and the journal's) is a signed 64-bit BIGINT: a
 # larger number can never be a row, so a directory carrying one is not an app.
 MAX_APP_NUMBER = 2**63 - 1
-_APP_DIR = re.compile(r"app(0|[1-9][0-9]{0,18})", re.ASCII)
 
 
 class AppKey(NamedTuple):
@@ -39,10 +37,14 @@ class AppKey(NamedTuple):
 
 def parse_app_dir_name(name: str) -> int | None:
     """``app123`` -> 123; anything else (``app``, ``app01``, ``app-1``, ``App1``) -> None."""
-    match = _APP_DIR.fullmatch(name)
-    if match is None:
+    digits = name[3:]
+    # str.isdigit admits other scripts' digits; isascii keeps "app" + ASCII digits only.
+    if not (name.startswith("app") and digits.isdigit() and digits.isascii()):
         return None
-    number = int(match.group(1))
+    # No leading zero (one directory per number); at most 19 digits, the most a BIGINT has.
+    if (len(digits) > 1 and digits[0] == "0") or len(digits) > 19:
+        return None
+    number = int(digits)
     return number if number <= MAX_APP_NUMBER else None
 
 

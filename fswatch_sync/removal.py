@@ -254,13 +254,10 @@ def _cancel_tasks(
         ]
         outcome.cancelled += changes
         chosen: sa.ColumnElement[bool] = db.one_of(pk, [change.pk for change in changes])
-    elif db.locks_rows(connection):
+    else:
+        # Found once by the (target, status) index, then journalled and changed by key.
         locked = connection.execute(store.locked(sa.select(pk).where(matching), connection))
         chosen = db.one_of(pk, locked.scalars())
-    else:
-        # SQLite: this transaction holds the write lock, so the predicate itself names the rows
-        # the journal and the update both see.
-        chosen = matching
     count = journal.record(
         "task_cancelled",
         host.tasks,
