@@ -230,7 +230,8 @@ def _undo(
             sa.select(slug).where(slug == target[0], number == target[1])
         ).first() is None and connection.execute(
             sa.select(j.id).where(
-                j.action == "app_removed",
+                # Written into the statement, so the partial index on app_removed serves it.
+                j.action == sa.literal("app_removed", literal_execute=True),
                 j.model_slug == target[0],
                 j.app_number == target[1],
                 j.restored_at.is_(None),

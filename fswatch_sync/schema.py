@@ -65,11 +65,20 @@ journal_table = Table(
     Column("restored_at", _Time, nullable=True),
     Index("ix_fswatch_sync_journal_at", "at"),
     Index("ix_fswatch_sync_journal_batch", "batch_id"),
-    # MariaDB indexes a TEXT column by a prefix only.
-    Index(
-        "ix_fswatch_sync_journal_app", "app_number", "model_slug", mysql_length={"model_slug": 191}
-    ),
 )
+
+# A restore asks whether an app's removal is journalled (and not yet undone). Only app_removed
+# entries are indexed by app: an index over every entry would take an insertion at a random
+# place for each task a sweep changes, and that index's pages were most of a big purge's writes.
+# MariaDB has no partial index; there the question is answered by a scan, and only when a task
+# is put back without its app row.
+Index(
+    "ix_fswatch_sync_journal_removed_app",
+    journal_table.c.app_number,
+    journal_table.c.model_slug,
+    sqlite_where=journal_table.c.action == "app_removed",
+    postgresql_where=journal_table.c.action == "app_removed",
+).ddl_if(dialect=("sqlite", "postgresql"))  # type: ignore[arg-type]  # a tuple is accepted
 
 # Apps found missing while the missing-since grace is on (and the host has no column for it):
 # one row per app key, deleted when the app is removed or its directory returns.
