@@ -135,38 +135,56 @@ def app_exists(root: Path, key: AppKey) -> bool:
     cannot be examined (permission denied, I/O error) is not proof of absence: it counts as
     present, so nothing is removed on the strength of an error.
     """
-    directory = app_dir(root, key)
-    if directory is None:
-        return False
+    return key in apps_present(root, [key])
+
+
+def apps_present(root: Path, keys: Iterable[AppKey]) -> set[AppKey]:
+    """The keys among ``keys`` whose directory :func:`app_exists` finds (or cannot prove gone):
+    one look at the root and one handle per model directory, however many keys."""
+    by_slug: dict[str, list[AppKey]] = {}
+    for key in keys:
+        if app_dir(root, key) is not None:
+            by_slug.setdefault(key.model_slug, []).append(key)
     # In order, stopping at the first proof of absence: past a model "directory" that is a
     # symlink, the app would be looked up outside the root.
-    if _dir_state(root, follow=True) is False:
-        return False
-    return _app_state(directory.parent, directory.name) is not False
+    if not by_slug or _dir_state(root, follow=True) is False:
+        return set()
+    present: set[AppKey] = set()
+    for slug, members in by_slug.items():
+        present.update(_present_in_model(root / slug, members))
+    return present
+
+
+def _present_in_model(model: Path, keys: list[AppKey]) -> list[AppKey]:
+    """The keys whose ``app{N}`` is a real directory in ``model`` (or cannot be proved not to
+    be), ``model`` itself a real directory: it is opened without following a symlink and each
+    app looked up through that handle, so a model directory swapped for a symlink meanwhile never
+    leads a lookup outside the root."""
+    try:
+        handle = os.open(model, _DIR_HANDLE_FLAGS)
+    except OSError as exc:
+        # ELOOP: a symlink, not a directory. Anything else that proves nothing: all unknown.
+        return [] if _proves_absence(exc) or exc.errno == errno.ELOOP else keys
+    except ValueError:
+        return []
+    present = []
+    try:
+        for key in keys:
+            try:
+                mode = os.lstat(f"app{key.app_number}", dir_fd=handle).st_mode
+            except OSError as exc:
+                if not _proves_absence(exc):
+                    present.append(key)
+                continue
+            if stat.S_ISDIR(mode):
+                present.append(key)
+    finally:
+        os.close(handle)
+    return present
 
 
 # A handle on a directory that only names it (no read permission needed), where Linux has one.
 _DIR_HANDLE_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_NOFOLLOW
-
-
-def _app_state(model: Path, name: str) -> bool | None:
-    """Like ``_dir_state(model / name)`` for a model directory that must be real: ``model`` is
-    opened without following a symlink and ``name`` looked up through that handle, so a model
-    directory swapped for a symlink meanwhile never leads the lookup outside the root."""
-    try:
-        handle = os.open(model, _DIR_HANDLE_FLAGS)
-    except OSError as exc:
-        # ELOOP: a symlink, not a directory.
-        return False if _proves_absence(exc) or exc.errno == errno.ELOOP else None
-    except ValueError:
-        return False
-    try:
-        mode = os.lstat(name, dir_fd=handle).st_mode
-    except OSError as exc:
-        return False if _proves_absence(exc) else None
-    finally:
-        os.close(handle)
-    return stat.S_ISDIR(mode)
 
 
 def root_present(root: Path, marker: str = "") -> bool:

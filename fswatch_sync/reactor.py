@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fswatch_sync import announce, db
-from fswatch_sync.layout import AppKey, any_app_dir, app_exists, root_present
+from fswatch_sync.layout import AppKey, any_app_dir, app_exists, apps_present, root_present
 from fswatch_sync.stats import Stats
 from fswatch_sync.store import RemovalOutcome, Store, chunks
 from fswatch_sync.text import first_line
@@ -258,7 +258,7 @@ class Reactor:
             keys,
             source="reactor",
             now=db.utcnow(),
-            still_absent=lambda key: not app_exists(self.root, key),
+            present_now=lambda keys: apps_present(self.root, keys),
             missing_grace=self.missing_grace,
             cancel_when_missing=self.cancel_when_missing,
         )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -29,7 +29,8 @@ from fswatch_sync.text import first_line
 
 log = logging.getLogger(__name__)
 
-StillAbsent = Callable[[AppKey], bool]
+# Which of these keys have their directory (back) on disk now.
+PresentNow = Callable[[list[AppKey]], Collection[AppKey]]
 
 
 def remove_apps(
@@ -38,7 +39,7 @@ def remove_apps(
     *,
     source: str,
     now: datetime,
-    still_absent: StillAbsent | None = None,
+    present_now: PresentNow | None = None,
     dry_run: bool = False,
     young_after: datetime | None = None,
     missing_grace: timedelta | None = None,
@@ -48,8 +49,8 @@ def remove_apps(
 ) -> RemovalOutcome:
     """Remove every row of each key, and cancel the key's active tasks, a batch per transaction.
 
-    ``still_absent`` is asked about each key after its rows are locked and before anything
-    changes: a key whose directory is back keeps its rows (reported in ``present``).
+    ``present_now`` is asked about the batch's keys after their rows are locked and before
+    anything changes: a key whose directory is back keeps its rows (reported in ``present``).
     ``young_after``: keys with a row created after it are left alone (the sweep's grace).
     ``missing_grace``: keys are first marked missing, and removed once marked that long.
     ``dry_run``: the same statements, rolled back. ``collect``: list each cancelled task (for
@@ -61,7 +62,7 @@ def remove_apps(
     options: dict[str, Any] = {
         "source": source,
         "now": now,
-        "still_absent": still_absent,
+        "present_now": present_now,
         "young_after": young_after,
         "missing_grace": missing_grace,
         "cancel_when_missing": cancel_when_missing,
@@ -120,7 +121,7 @@ def _remove_batch(
     *,
     source: str,
     now: datetime,
-    still_absent: StillAbsent | None,
+    present_now: PresentNow | None,
     young_after: datetime | None,
     missing_grace: timedelta | None,
     cancel_when_missing: bool,
@@ -139,8 +140,9 @@ def _remove_batch(
         ids_by_key: dict[AppKey, list[Any]] = {}
         for pk, slug, number in rows:
             ids_by_key.setdefault(AppKey(slug, int(number)), []).append(pk)
-        for key in sorted(ids_by_key):
-            if still_absent is not None and not still_absent(key):
+        if present_now is not None and ids_by_key:
+            back = set(present_now(sorted(ids_by_key)))
+            for key in sorted(back.intersection(ids_by_key)):
                 outcome.present.append(key)
                 del ids_by_key[key]
         # Restricting tables first: an app they hold is left entirely untouched (not even

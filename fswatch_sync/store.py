@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -313,7 +313,7 @@ class Store:
         *,
         source: str,
         now: datetime,
-        still_absent: Callable[[AppKey], bool] | None = None,
+        present_now: Callable[[list[AppKey]], Collection[AppKey]] | None = None,
         dry_run: bool = False,
         young_after: datetime | None = None,
         missing_grace: timedelta | None = None,
@@ -330,7 +330,7 @@ class Store:
             keys,
             source=source,
             now=now,
-            still_absent=still_absent,
+            present_now=present_now,
             dry_run=dry_run,
             young_after=young_after,
             missing_grace=missing_grace,

@@ -21,7 +21,7 @@ from sqlalchemy.engine import Connection
 
 from fswatch_sync import announce, db, rules, signals
 from fswatch_sync.errors import SweepInterrupted, SweepRefused
-from fswatch_sync.layout import AppKey, Scan, app_exists, root_present, scan_tree
+from fswatch_sync.layout import AppKey, Scan, apps_present, root_present, scan_tree
 from fswatch_sync.records import Lease, SweepLog
 from fswatch_sync.settings import Settings
 from fswatch_sync.store import AppRow, Store, TaskChange
@@ -326,7 +326,7 @@ class Sweeper:
             candidates,
             source="sweep",
             now=now,
-            still_absent=lambda key: not app_exists(root, key),
+            present_now=lambda keys: apps_present(root, keys),
             young_after=now - grace,
             missing_grace=timedelta(minutes=missing_grace) if missing_grace > 0 else None,
             cancel_when_missing=settings.cancel_tasks_when_missing,

@@ -101,11 +101,10 @@ def test_the_property_finds_a_removal_that_ignores_its_recheck(
     original = Store.remove_apps
 
     def ignoring(self: Store, keys: Any, **kwargs: Any) -> Any:
-        check = kwargs.pop("still_absent", None)
+        check = kwargs.pop("present_now", None)
         keys = list(keys)
-        for key in keys:
-            if check is not None:
-                check(key)
+        if check is not None:
+            check(keys)
         return original(self, keys, **kwargs)
 
     monkeypatch.setattr(Store, "remove_apps", ignoring)

@@ -231,11 +231,11 @@ def test_still_absent_false_keeps_the_row(store: Store, now: datetime) -> None:
     back = AppKey("model", 2)
     asked: list[AppKey] = []
 
-    def still_absent(key: AppKey) -> bool:
-        asked.append(key)
-        return key != back
+    def present_now(batch: list[AppKey]) -> set[AppKey]:
+        asked.extend(batch)
+        return {key for key in batch if key == back}
 
-    outcome = store.remove_apps(keys, source="reactor", now=now, still_absent=still_absent)
+    outcome = store.remove_apps(keys, source="reactor", now=now, present_now=present_now)
     assert sorted(asked) == keys
     assert outcome.present == [back]
     assert sorted(outcome.removed) == [k for k in keys if k != back]

@@ -306,24 +306,25 @@ def run_step(
 
 
 @contextmanager
-def recording_app_exists(log: Log) -> Iterator[Callable[[Path, AppKey], bool]]:
+def recording_app_exists(log: Log) -> Iterator[Callable[[Path, list[AppKey]], set[AppKey]]]:
     """The re-check the tool makes under lock, recorded with what the regenerator had done.
 
-    The sweep's re-check calls ``app_exists`` by its module-level name, so that name is replaced
-    while the block runs; the recording function is yielded for :meth:`Store.remove_apps`.
+    The sweep's re-check calls ``apps_present`` by its module-level name, so that name is
+    replaced while the block runs; the recording function is yielded for
+    :meth:`Store.remove_apps`.
     """
     names = vars(sweep_module)
-    original = names["app_exists"]
+    original = names["apps_present"]
 
-    def recorded(root: Path, key: AppKey) -> bool:
+    def recorded(root: Path, keys: list[AppKey]) -> set[AppKey]:
         with log.lock:
-            back_before = key in log.recreated
-        exists = bool(original(root, key))
+            back_before = {key: key in log.recreated for key in keys}
+        present = set(original(root, keys))
         with log.lock:
-            log.checks.append((key, exists, back_before))
-        return exists
+            log.checks += [(key, key in present, back_before[key]) for key in keys]
+        return present
 
-    names["app_exists"] = recorded
+    names["apps_present"] = recorded
     try:
         yield recorded
     finally:
@@ -383,7 +384,7 @@ def run_tool(plan: Plan, pks: list[int], root: Path, rig: Rig, gates: Gates, log
                         keys,
                         source="reactor",
                         now=now,
-                        still_absent=lambda key: not exists(root, key),
+                        present_now=lambda batch: exists(root, batch),
                     )
                     log.removed += outcome.removed
                     log.tool += outcome.cancelled
