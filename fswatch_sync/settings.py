@@ -63,7 +63,9 @@ class Settings:
     cleanup_old_tasks: bool = True
     max_delete_fraction: float = 0.5
     enabled: bool = True
-    batch_size: int = 500
+    # Small: the first batch of each rule runs before its time is known; the time budget
+    # (max_transaction_ms) grows the next ones.
+    batch_size: int = 200
     max_transaction_ms: float = 100.0
     observer: str = "auto"
     polling_interval_seconds: float = 1.0

@@ -139,7 +139,7 @@ class Store:
         engine: Engine,
         config: SchemaConfig | None = None,
         *,
-        batch_size: int = 500,
+        batch_size: int = 200,
         retry_seconds: float = 60.0,
         max_transaction_ms: float = 100.0,
     ) -> None:
