@@ -97,15 +97,28 @@ def _task_batch(
     store: Store,
     rule: TaskRule, after: Any, size: int, source: str, now: datetime, collect: bool
 ) -> tuple[Any, int, list[TaskChange]]:
-    """One transaction: the next ``size`` tasks ``rule`` matches after ``after``, journalled
-    and changed. Returns (the batch's last key or None when there is none, rows, changes)."""
+    """The next ``size`` tasks ``rule`` matches after ``after``, journalled and changed in one
+    transaction. Returns (the batch's last key, or None when there is none; rows; changes).
+
+    The batch is found by a read that takes no lock (walking the table is the slow part, and no
+    write transaction holds its locks through it); the write transaction then locks those rows
+    by key, re-checking the rule, and changes exactly the rows it locked.
+    """
     host = store.host
     pk = host.task_col("id")
+    window = rule.where if after is None else sa.and_(rule.where, pk > after)
+    with store._reading() as connection:
+        found = list(
+            connection.execute(sa.select(pk).where(window).order_by(pk).limit(size)).scalars()
+        )
+    if not found:
+        return None, 0, []
     with store._write() as connection:
-        window = rule.where if after is None else sa.and_(rule.where, pk > after)
-        chosen, upper, count = _next_batch(store, connection, window, size)
-        if upper is None:
-            return None, 0, []
+        locked = store.locked(sa.select(pk).where(db.one_of(pk, found), rule.where), connection)
+        pks = list(connection.execute(locked).scalars())
+        if not pks:
+            return found[-1], 0, []
+        chosen = db.one_of(pk, pks)
         new_status = rule.effect.status if isinstance(rule.effect, SetStatus) else None
         changes = _task_changes(host, connection, chosen, new_status) if collect else []
         journal = JournalWriter(connection, source=source, now=now)
@@ -124,29 +137,11 @@ def _task_batch(
             result = connection.execute(sa.delete(host.tasks).where(chosen))
         else:
             result = set_status(host, connection, chosen, rule.effect, now)
-        expected = journalled if count is None else count
-        if result.rowcount != expected or journalled != expected:
+        if result.rowcount != len(pks) or journalled != len(pks):
             raise db.StaleRead(
-                f"{expected - result.rowcount} task(s) changed under the tool's lock"
+                f"{len(pks) - result.rowcount} task(s) changed under the tool's lock"
             )
-    return upper, int(result.rowcount), changes
-
-
-def _next_batch(
-    store: Store, connection: Connection, window: ColumnElement[bool], size: int
-) -> tuple[ColumnElement[bool], Any, int | None]:
-    """The batch's rows as a condition, its last key, and how many rows it holds.
-
-    The keys are read (locked by ``FOR UPDATE`` on the servers; SQLite's transaction holds the
-    write lock) and the batch's statements find their rows by key: a key range with the rule's
-    predicate would make every statement scan the range again, matching rows or not.
-    """
-    pk = store.host.task_col("id")
-    ordered = sa.select(pk).where(window).order_by(pk).limit(size)
-    pks = list(connection.execute(store.locked(ordered, connection)).scalars())
-    if not pks:
-        return sa.false(), None, 0
-    return db.one_of(pk, pks), pks[-1], len(pks)
+    return found[-1], len(pks), changes
 
 
 def _task_changes(
