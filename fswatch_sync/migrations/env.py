@@ -1,0 +1,61 @@
+"""Alembic environment for fswatch_sync's own tables.
+
+Used by ``fswatch-sync db upgrade`` and :func:`fswatch_sync.migrations.upgrade` (which hand it a
+connection), and by a plain ``alembic -x url=... `` run against this directory. It only ever looks
+at the tool's tables, and keeps its revision in ``fswatch_sync_alembic_version``, so it can share a
+database (and a connection) with the host's own Alembic history.
+"""
+
+from __future__ import annotations
+
+from alembic import context
+from sqlalchemy.engine import Connection
+
+from fswatch_sync import db
+from fswatch_sync.migrations import VERSION_TABLE, include_tool_tables
+from fswatch_sync.schema import tool_metadata
+
+config = context.config
+
+
+def _configure(**kwargs: object) -> None:
+    context.configure(
+        target_metadata=tool_metadata,
+        version_table=VERSION_TABLE,
+        include_name=include_tool_tables,
+        compare_type=True,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def _run(connection: Connection) -> None:
+    # SQLite alters a column only by copying its table: batch mode does that.
+    _configure(connection=connection, render_as_batch=connection.dialect.name == "sqlite")
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def _url() -> str:
+    url = context.get_x_argument(as_dictionary=True).get("url") or config.get_main_option(
+        "sqlalchemy.url"
+    )
+    if not url:
+        raise SystemExit("fswatch_sync migrations: give the database as -x url=... ")
+    return url
+
+
+if context.is_offline_mode():
+    _configure(url=_url(), literal_binds=True)
+    with context.begin_transaction():
+        context.run_migrations()
+else:
+    given = config.attributes.get("connection")
+    if isinstance(given, Connection):
+        _run(given)
+    else:
+        engine = db.create_engine(_url())
+        try:
+            with engine.connect() as connection:
+                _run(connection)
+        finally:
+            engine.dispose()
