@@ -1,14 +1,14 @@
 """Sweeps as a beat-scheduled Celery task, in real processes: two workers and beat on the real
-Redis, the database on the real PostgreSQL.
+Redis (and RabbitMQ for the first test), the database on the real PostgreSQL.
 
-- one sweep per tick, each by one worker, over 20 ticks, with the sweep events seen by an event
-  receiver;
+- one sweep per tick, each by one worker, over 20 ticks (8 on RabbitMQ), with the sweep events
+  seen by an event receiver;
 - ticks that land while another worker sweeps return "skipped" at once (the lease), and no two
   sweeps overlap;
 - a worker killed (SIGKILL) before committing a removal transaction leaves every app whole or
   untouched, and the next tick after its lease runs out completes the job.
 
-Redis must be up (``.ci/run`` under CI makes it so; there these tests fail instead of skipping).
+Redis and RabbitMQ must be up (under CI these tests fail instead of skipping when they are not).
 """
 
 from __future__ import annotations
@@ -48,20 +48,35 @@ from fswatch_sync.celery_tasks import TRIGGER
 from fswatch_sync.layout import AppKey
 
 REDIS_URL = os.environ.get("FSWATCH_SYNC_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+RABBITMQ_URL = os.environ.get(
+    "FSWATCH_SYNC_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//"
+)
 TESTS = Path(__file__).resolve().parent
 SLUG = "openai_gpt-4"
 
 
-@pytest.fixture(scope="module")
-def redis_url() -> str:
+def _unreachable(message: str) -> None:
+    if REQUIRE_SERVERS:
+        pytest.fail(f"required service missing: {message}")
+    pytest.skip(message)
+
+
+@pytest.fixture
+def broker_url(request: pytest.FixtureRequest) -> str:
+    """Redis unless the test asks for RabbitMQ (``indirect`` parametrisation)."""
+    kind = getattr(request, "param", "redis")
+    if kind == "redis":
+        try:
+            redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+        except redis.RedisError as exc:
+            _unreachable(f"Redis unreachable at {REDIS_URL}: {exc}")
+        return REDIS_URL
     try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
-    except redis.RedisError as exc:
-        message = f"Redis unreachable at {REDIS_URL}: {exc}"
-        if REQUIRE_SERVERS:
-            pytest.fail(f"required service missing: {message}")
-        pytest.skip(message)
-    return REDIS_URL
+        with make_app(RABBITMQ_URL, "probe").connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1)
+    except Exception as exc:  # any failure to reach the broker means "not here"
+        _unreachable(f"RabbitMQ unreachable at {RABBITMQ_URL}: {exc}")
+    return RABBITMQ_URL
 
 
 @pytest.fixture
@@ -155,8 +170,19 @@ class World:
             process.wait(5)
 
     def stop_all(self) -> None:
-        for name in list(self.processes):
-            self.stop(name)
+        """Cold shutdown (SIGQUIT), all at once: by now every task the test waited for has
+        answered, and a warm shutdown lingers for seconds closing an AMQP connection."""
+        processes = [self.processes.pop(name) for name in list(self.processes)]
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGQUIT)
+        deadline = time.monotonic() + 5
+        for process in processes:
+            try:
+                process.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
 
     def outputs(self) -> str:
         return " | ".join(
@@ -166,19 +192,23 @@ class World:
 
 
 @pytest.fixture
-def world(tmp_path: Path, redis_url: str, pg_url: str) -> Iterator[World]:
+def world(tmp_path: Path, broker_url: str, pg_url: str) -> Iterator[World]:
     root = tmp_path / "generated" / "apps"
     root.mkdir(parents=True)
-    made = World(tmp=tmp_path, broker=redis_url, database_url=pg_url, root=root,
+    made = World(tmp=tmp_path, broker=broker_url, database_url=pg_url, root=root,
                  settings={}, interval=0.5)
     try:
         yield made
     finally:
         made.stop_all()
-        client = redis.Redis.from_url(redis_url)
-        for key in client.scan_iter(f"{made.prefix}:*"):
-            client.delete(key)
-        client.close()
+        if broker_url.startswith("redis"):
+            client = redis.Redis.from_url(broker_url)
+            for key in client.scan_iter(f"{made.prefix}:*"):
+                client.delete(key)
+            client.close()
+        else:
+            with make_app(broker_url, made.prefix).connection_for_write() as connection:
+                connection.default_channel.queue_delete(made.prefix)
 
 
 def seed(engine: Engine, root: Path, *, orphans: int, present: int) -> list[SeededApp]:
@@ -233,13 +263,17 @@ class EventLog:
         return {str(e["uuid"]): e for e in list(self.events) if e.get("type") == kind}
 
 
-def test_one_sweep_per_tick_over_20_ticks_with_two_workers(world: World) -> None:
+@pytest.mark.parametrize(
+    ("broker_url", "count"), [("redis", 20), ("rabbitmq", 8)], indirect=["broker_url"]
+)
+def test_one_sweep_per_tick_with_two_workers(world: World, count: int) -> None:
     with probe_engine(world.database_url) as engine:
         orphans = seed(engine, world.root, orphans=3, present=6)
         with EventLog(world.broker, world.prefix) as events:
             world.start_workers(2)
             world.start_beat()
-            wait_until(lambda: len(world.ticks()) >= 20, 60, "20 ticks", on_timeout=world.outputs)
+            wait_until(lambda: len(world.ticks()) >= count, 60, f"{count} ticks",
+                       on_timeout=world.outputs)
             world.stop("beat")
             ticks = world.ticks()
             wait_until(lambda: set(ticks) <= set(world.outcomes()), 30, "every tick's outcome",
@@ -253,12 +287,13 @@ def test_one_sweep_per_tick_over_20_ticks_with_two_workers(world: World) -> None
         sweeps = celery_sweeps(engine)
         by_task = {str(row["instance_id"]).removeprefix("celery-"): row for row in sweeps}
         workers = {line["pid"] for tick in ticks for line in outcomes[tick]}
-        print(f"\ncelery ticks: {len(ticks)} ticks every {world.interval}s; sweep rows per tick"
+        print(f"\ncelery ticks ({world.broker.split(':')[0]}): {len(ticks)} ticks every"
+              f" {world.interval}s; sweep rows per tick"
               f" {[sum(1 for r in sweeps if r['instance_id'] == f'celery-{t}') for t in ticks]};"
               f" outcomes {sorted({s for lines in per_tick.values() for s in lines})};"
               f" {len(workers)} workers took ticks")
 
-        assert len(ticks) >= 20
+        assert len(ticks) >= count
         assert per_tick == {tick: ["swept"] for tick in ticks}
         assert sorted(by_task) == sorted(ticks)  # exactly one sweep row per tick, no other
         assert all(row["outcome"] == "ok" for row in sweeps)
