@@ -110,7 +110,8 @@ def sweep_task(app: Celery, settings: SettingsSource = None, *, name: str = SWEE
     """Register (only) the task that runs one full sweep under the lease."""
     stores = _Stores(settings)
 
-    @app.task(name=name, bind=True)  # type: ignore[untyped-decorator]
+    # Not shared: the task belongs to this app, with these settings, not to every app made later.
+    @app.task(name=name, bind=True, shared=False)  # type: ignore[untyped-decorator]
     def sweep(task: Task, *, force: bool = False, dry_run: bool = False) -> dict[str, Any]:
         store, resolved = stores.get()
         return run_sweep(task, store, resolved, force=force, dry_run=dry_run)
@@ -160,16 +161,22 @@ def run_sweep(
 def _forwarding(task: Task, sweeper: Sweeper) -> Iterator[None]:
     """Send this sweeper's sweep signals on as Celery events of ``task``."""
 
-    def started(_sender: Any, *, trigger: str, dry_run: bool, **_extra: Any) -> None:
-        task.send_event("task-sweep-started", trigger=trigger, dry_run=dry_run)
+    # Connected for every sender and filtered here: blinker drops a sender's connections when
+    # that sender is collected, and a finished Sweeper (a reference cycle, collected whenever
+    # the cyclic collector runs) may share its id() with the next one, whose connections would
+    # then vanish mid-sweep.
+    def started(sender: Any, *, trigger: str, dry_run: bool, **_extra: Any) -> None:
+        if sender is sweeper:
+            task.send_event("task-sweep-started", trigger=trigger, dry_run=dry_run)
 
-    def finished(_sender: Any, *, report: SweepReport, **_extra: Any) -> None:
-        task.send_event("task-sweep-finished", **report.to_dict())
+    def finished(sender: Any, *, report: SweepReport, **_extra: Any) -> None:
+        if sender is sweeper:
+            task.send_event("task-sweep-finished", **report.to_dict())
 
-    signals.sweep_started.connect(started, sender=sweeper, weak=False)
-    signals.sweep_finished.connect(finished, sender=sweeper, weak=False)
+    signals.sweep_started.connect(started, weak=False)
+    signals.sweep_finished.connect(finished, weak=False)
     try:
         yield
     finally:
-        signals.sweep_started.disconnect(started, sender=sweeper)
-        signals.sweep_finished.disconnect(finished, sender=sweeper)
+        signals.sweep_started.disconnect(started)
+        signals.sweep_finished.disconnect(finished)

@@ -1,7 +1,7 @@
 """Sweeps as a beat-scheduled Celery task, in real processes: two workers and beat on the real
 Redis (and RabbitMQ for the first test), the database on the real PostgreSQL.
 
-- one sweep per tick, each by one worker, over 20 ticks (8 on RabbitMQ), with the sweep events
+- one sweep per tick, each by one worker, over 20 ticks (6 on RabbitMQ), with the sweep events
   seen by an event receiver;
 - ticks that land while another worker sweeps return "skipped" at once (the lease), and no two
   sweeps overlap;
@@ -26,17 +26,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import redis
 import sqlalchemy as sa
+from celery import Celery
 from celery_app import make_app
 from conftest import REQUIRE_SERVERS, database_url_for
 from helpers import (
     SeededApp,
     app_state,
     init_database,
+    make_settings,
     probe_engine,
     seed_app,
     sweep_rows,
@@ -44,8 +47,11 @@ from helpers import (
 )
 from sqlalchemy.engine import Engine
 
-from fswatch_sync.celery_tasks import TRIGGER
+from fswatch_sync import signals
+from fswatch_sync.celery_tasks import BEAT_ENTRY, SWEEP_TASK, TRIGGER, register, run_sweep
 from fswatch_sync.layout import AppKey
+from fswatch_sync.records import Lease
+from fswatch_sync.store import Store
 
 REDIS_URL = os.environ.get("FSWATCH_SYNC_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 RABBITMQ_URL = os.environ.get(
@@ -129,11 +135,27 @@ class World:
     def start_workers(self, count: int = 2, extra: dict[str, str] | None = None) -> None:
         for index in range(count):
             self.start(f"worker{index}", [
-                "worker", "--pool=solo", "-Q", self.prefix, "-n", f"w{index}-{self.prefix}@%h",
+                "worker", "--pool=solo", "-Q", f"{self.prefix},{self.own_queue(index)}",
+                "-n", f"w{index}-{self.prefix}@%h",
                 "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "INFO",
             ], extra)
         wait_until(lambda: len(self.lines("ready")) >= count, 60, "workers ready",
                    on_timeout=self.outputs)
+
+    def own_queue(self, index: int) -> str:
+        return f"{self.prefix}.w{index}"
+
+    def warm_up(self, count: int = 2) -> list[str]:
+        """One sweep on each worker, sent to it directly: a worker's first sweep opens its
+        engine and checks the tables, which can outlast a short beat interval."""
+        app = make_app(self.broker, self.prefix)
+        ids = []
+        for index in range(count):  # one after the other: together, one would be skipped
+            ids.append(str(app.send_task(SWEEP_TASK, queue=self.own_queue(index)).id))
+            wait_until(lambda: ids[-1] in self.outcomes(), 60, "a warm-up sweep",
+                       on_timeout=self.outputs)
+        assert [self.outcomes()[i][0]["status"] for i in ids] == ["swept"] * count
+        return ids
 
     def start_beat(self) -> None:
         self.start("beat", ["beat", "-s", str(self.tmp / "beat-schedule"), "--pidfile=",
@@ -208,7 +230,8 @@ def world(tmp_path: Path, broker_url: str, pg_url: str) -> Iterator[World]:
             client.close()
         else:
             with make_app(broker_url, made.prefix).connection_for_write() as connection:
-                connection.default_channel.queue_delete(made.prefix)
+                for queue in (made.prefix, made.own_queue(0), made.own_queue(1)):
+                    connection.default_channel.queue_delete(queue)
 
 
 def seed(engine: Engine, root: Path, *, orphans: int, present: int) -> list[SeededApp]:
@@ -264,13 +287,14 @@ class EventLog:
 
 
 @pytest.mark.parametrize(
-    ("broker_url", "count"), [("redis", 20), ("rabbitmq", 8)], indirect=["broker_url"]
+    ("broker_url", "count"), [("redis", 20), ("rabbitmq", 6)], indirect=["broker_url"]
 )
 def test_one_sweep_per_tick_with_two_workers(world: World, count: int) -> None:
     with probe_engine(world.database_url) as engine:
-        orphans = seed(engine, world.root, orphans=3, present=6)
         with EventLog(world.broker, world.prefix) as events:
             world.start_workers(2)
+            warm_up = world.warm_up()
+            orphans = seed(engine, world.root, orphans=3, present=6)
             world.start_beat()
             wait_until(lambda: len(world.ticks()) >= count, 60, f"{count} ticks",
                        on_timeout=world.outputs)
@@ -284,8 +308,11 @@ def test_one_sweep_per_tick_with_two_workers(world: World, count: int) -> None:
 
         outcomes = world.outcomes()
         per_tick = {tick: [line["status"] for line in outcomes[tick]] for tick in ticks}
-        sweeps = celery_sweeps(engine)
-        by_task = {str(row["instance_id"]).removeprefix("celery-"): row for row in sweeps}
+        by_task = {
+            str(row["instance_id"]).removeprefix("celery-"): row for row in celery_sweeps(engine)
+        }
+        assert sorted(by_task.pop(task_id)["orphan_apps"] for task_id in warm_up) == [0, 0]
+        sweeps = list(by_task.values())
         workers = {line["pid"] for tick in ticks for line in outcomes[tick]}
         print(f"\ncelery ticks ({world.broker.split(':')[0]}): {len(ticks)} ticks every"
               f" {world.interval}s; sweep rows per tick"
@@ -301,7 +328,7 @@ def test_one_sweep_per_tick_with_two_workers(world: World, count: int) -> None:
         assert len(workers) == 2  # whichever worker is free takes the tick
         assert sum(row["orphan_apps"] for row in sweeps) == 3
         assert states(engine, orphans) == ["removed"] * 3
-        assert len(sweep_rows(engine)) == len(sweeps)
+        assert len(sweep_rows(engine)) == len(sweeps) + len(warm_up)
 
         finished = events.of("task-sweep-finished")
         started = events.of("task-sweep-started")
@@ -311,12 +338,12 @@ def test_one_sweep_per_tick_with_two_workers(world: World, count: int) -> None:
 
 
 def test_ticks_during_a_sweep_are_skipped_at_once(world: World) -> None:
-    hold = 1.5  # every sweep holds the lease this long: three ticks land meanwhile
+    hold = 1.2  # every sweep holds the lease this long: two ticks land meanwhile
     world.settings["lease_seconds"] = "10"
     with probe_engine(world.database_url) as engine:
         world.start_workers(2, {"FSWATCH_TEST_HOLD_SECONDS": str(hold)})
         world.start_beat()
-        wait_until(lambda: len(world.ticks()) >= 8, 60, "8 ticks", on_timeout=world.outputs)
+        wait_until(lambda: len(world.ticks()) >= 7, 60, "7 ticks", on_timeout=world.outputs)
         world.stop("beat")
         ticks = world.ticks()
         wait_until(lambda: set(ticks) <= set(world.outcomes()), 30, "every tick's outcome",
@@ -404,3 +431,90 @@ def test_worker_killed_mid_sweep_leaves_nothing_half_done(world: World) -> None:
             assert connection.execute(
                 sa.text("SELECT count(*) FROM generated_applications")
             ).scalar_one() == 8
+
+
+# -- in-process: the task's body and its registration, without a broker ----------------------
+
+
+class RecordingTask:
+    """What run_sweep uses of a bound Celery task: its request id, and send_event."""
+
+    def __init__(self, task_id: str) -> None:
+        self.request = SimpleNamespace(id=task_id)
+        self.sent: list[tuple[str, dict[str, Any]]] = []
+
+    def send_event(self, type_: str, **fields: Any) -> None:
+        self.sent.append((type_, fields))
+
+
+def test_task_body_sweeps_and_forwards_the_sweep_signals(
+    url: str, probe: Engine, apps_root: Path
+) -> None:
+    orphan = seed_app(probe, apps_root, AppKey(SLUG, 1), on_disk=False)
+    for n in range(2, 4):
+        seed_app(probe, apps_root, AppKey(SLUG, n))
+    settings = make_settings(apps_root, url)
+    store = Store.from_settings(settings)
+    task = RecordingTask("t-1")
+    try:
+        result = run_sweep(task, store, settings)
+    finally:
+        store.engine.dispose()
+
+    assert (result["status"], result["orphan_apps"], result["instance_id"]) == (
+        "swept", 1, "celery-t-1"
+    )
+    assert [kind for kind, _ in task.sent] == ["task-sweep-started", "task-sweep-finished"]
+    assert task.sent[0][1] == {"trigger": TRIGGER, "dry_run": False}
+    assert task.sent[1][1]["orphan_apps"] == 1 and task.sent[1][1]["orphan_tasks"] == 2
+    assert app_state(probe, orphan, "sweep") == "removed"
+    assert [(r["instance_id"], r["trigger"]) for r in sweep_rows(probe)] == [
+        ("celery-t-1", TRIGGER)
+    ]
+    # Only this sweeper's signals were forwarded, and the receivers are gone afterwards.
+    assert not signals.sweep_started.receivers and not signals.sweep_finished.receivers
+
+
+def test_task_body_returns_skipped_at_once_while_the_lease_is_held(
+    url: str, probe: Engine, apps_root: Path
+) -> None:
+    orphan = seed_app(probe, apps_root, AppKey(SLUG, 1), on_disk=False)
+    seed_app(probe, apps_root, AppKey(SLUG, 2))
+    settings = make_settings(apps_root, url, lease_seconds=600.0)
+    store = Store.from_settings(settings)
+    holder = Lease(store.engine, "another-instance", duration_seconds=600.0)
+    assert holder.try_acquire()
+    task = RecordingTask("t-2")
+    try:
+        started = time.monotonic()
+        result = run_sweep(task, store, settings)
+        took = time.monotonic() - started
+    finally:
+        store.engine.dispose()
+
+    assert result["status"] == "skipped" and "another-instance" in result["reason"]
+    assert took < 2.0
+    assert task.sent == []
+    assert app_state(probe, orphan, "sweep") == "untouched"
+    assert sweep_rows(probe) == []
+
+
+def test_register_adds_the_task_and_an_expiring_beat_entry(apps_root: Path) -> None:
+    app = Celery("host", broker="memory://", set_as_current=False)
+    settings = make_settings(apps_root, "sqlite://", interval_seconds=900.0)
+    task = register(app, settings, queue="maintenance")
+    app.finalize()
+    assert task.name == SWEEP_TASK and app.tasks[SWEEP_TASK].app is app
+    assert app.conf.beat_schedule[BEAT_ENTRY] == {
+        "task": SWEEP_TASK,
+        "schedule": timedelta(seconds=900),
+        "args": (),
+        "kwargs": {},
+        "options": {"expires": 900.0, "queue": "maintenance"},
+    }
+
+    unscheduled = Celery("other", broker="memory://", set_as_current=False)
+    register(unscheduled, settings, schedule=False)
+    unscheduled.finalize()
+    assert SWEEP_TASK in unscheduled.tasks
+    assert not unscheduled.conf.beat_schedule
