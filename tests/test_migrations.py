@@ -4,6 +4,7 @@ environment running it beside its history."""
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -329,3 +330,18 @@ def test_host_version_locations_include_the_tool_branch(tmp_path: Path) -> None:
         host_versions = connection.execute(sa.text("SELECT version_num FROM alembic_version"))
         assert sorted(row[0] for row in host_versions) == [HEAD, "h1"]
         assert migrations.compare(connection) == []
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql+psycopg://nobody@127.0.0.1:1/none", "mysql+pymysql://nobody@127.0.0.1:1/none"
+])
+def test_offline_sql_for_a_dba(url: str) -> None:
+    """``alembic ... upgrade 0001:head --sql``: the statements, without a database."""
+    config = migrations.alembic_config()
+    config.set_main_option("sqlalchemy.url", url)
+    config.output_buffer = io.StringIO()
+    command.upgrade(config, "0001:head", sql=True)
+    script = config.output_buffer.getvalue()
+    assert "CREATE TABLE fswatch_sync_missing" in script
+    assert "CREATE INDEX ix_fswatch_sync_journal_batch" in script
+    assert f"UPDATE {VERSION_TABLE} SET version_num='{HEAD}'" in script
