@@ -28,7 +28,7 @@ from fswatch_sync import db, migrations
 from fswatch_sync.migrations import VERSION_TABLE
 from fswatch_sync.schema import journal_table, missing_table, tool_metadata
 
-HEAD = "0002"
+HEAD = migrations.head()
 LONG_SLUG = "s" * 300  # past the released VARCHAR(200)
 BIG_NUMBER = 5_000_000_000  # past a 32-bit INTEGER
 
@@ -103,10 +103,15 @@ def assert_wide_journal(engine: Engine) -> None:
     assert found == LONG_SLUG
 
 
-def test_head_is_the_last_revision() -> None:
-    assert migrations.head() == HEAD
-    revisions = [script.revision for script in migrations.script_directory().walk_revisions()]
-    assert revisions == ["0002", "0001"]
+def test_history_is_one_numbered_line() -> None:
+    """0001, 0002, ... each revising the one before, in files named after them: a new revision
+    (see fswatch_sync/migrations/__init__.py) continues the line."""
+    scripts = list(reversed(list(migrations.script_directory().walk_revisions())))
+    assert [s.revision for s in scripts] == [f"{n:04d}" for n in range(1, len(scripts) + 1)]
+    assert [s.down_revision for s in scripts] == [None] + [s.revision for s in scripts[:-1]]
+    assert all(Path(s.path).name.startswith(f"{s.revision}_") for s in scripts)
+    assert scripts[0].branch_labels == {"fswatch_sync"}
+    assert scripts[1].revision == "0002" and scripts[-1].revision == HEAD
 
 
 def test_upgrade_from_empty_reaches_head_without_drift(
