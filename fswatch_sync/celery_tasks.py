@@ -12,7 +12,7 @@ Each run takes the database lease that every fswatch_sync instance shares; a wor
 take it returns ``{"status": "skipped"}`` at once, so ticks that overlap a long sweep, or land on
 several workers, never sweep twice. The reactor (watching the tree) is not a task: it needs one
 long-lived owner, so run ``fswatch-sync run`` beside the workers as its own process, with
-``interval_seconds`` large or ``enabled`` sweeps left to beat (see README, "Scaling out").
+``FSWATCH_SYNC_ENABLED=false`` so that its periodic sweep is left to beat (see README, "Celery").
 
 Each run sends two Celery events, ``task-sweep-started`` (trigger, dry_run) and
 ``task-sweep-finished`` (the report's ``--json`` keys), under the task's uuid, so Flower or any
