@@ -350,3 +350,19 @@ def test_offline_sql_for_a_dba(url: str) -> None:
     assert "CREATE TABLE fswatch_sync_missing" in script
     assert "CREATE INDEX ix_fswatch_sync_journal_batch" in script
     assert f"UPDATE {VERSION_TABLE} SET version_num='{HEAD}'" in script
+
+
+def test_flask_command_upgrades_the_apps_database(tmp_path: Path) -> None:
+    from flask import Flask
+
+    from fswatch_sync.flask import FswatchSync
+
+    app = Flask("host_app")
+    app.config.update(SQLALCHEMY_DATABASE_URI=f"sqlite:///{tmp_path / 'host.db'}",
+                      FSWATCH_SYNC_ROOT=str(tmp_path))
+    FswatchSync(app)
+    result = app.test_cli_runner().invoke(args=["fswatch-sync", "db", "upgrade"])
+    assert result.exit_code == 0, result.output
+    assert f"empty -> {HEAD}" in result.output
+    with probe_engine(f"sqlite:///{tmp_path / 'host.db'}") as engine:
+        assert recorded(engine) == HEAD
