@@ -48,9 +48,17 @@ from helpers import (
 from sqlalchemy.engine import Engine
 
 from fswatch_sync import signals
-from fswatch_sync.celery_tasks import BEAT_ENTRY, SWEEP_TASK, TRIGGER, register, run_sweep
+from fswatch_sync.celery_tasks import (
+    BEAT_ENTRY,
+    SWEEP_TASK,
+    TRIGGER,
+    _Stores,
+    register,
+    run_sweep,
+)
 from fswatch_sync.layout import AppKey
 from fswatch_sync.records import Lease
+from fswatch_sync.settings import Settings
 from fswatch_sync.store import Store
 
 REDIS_URL = os.environ.get("FSWATCH_SYNC_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -518,3 +526,27 @@ def test_register_adds_the_task_and_an_expiring_beat_entry(apps_root: Path) -> N
     unscheduled.finalize()
     assert SWEEP_TASK in unscheduled.tasks
     assert not unscheduled.conf.beat_schedule
+
+
+def test_each_worker_process_opens_its_own_store(
+    url: str, apps_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prefork child must not use the engine (and pooled connections) of the process it was
+    forked from: the store is made again when the pid changes, once per process."""
+    made: list[Settings] = []
+
+    def settings() -> Settings:
+        made.append(make_settings(apps_root, url))
+        return made[-1]
+
+    stores = _Stores(settings)
+    parent, _ = stores.get()
+    assert stores.get()[0] is parent and len(made) == 1
+    monkeypatch.setattr(os, "getpid", lambda: -1)  # as seen from a forked child
+    child, child_settings = stores.get()
+    try:
+        assert child is not parent and child.engine is not parent.engine
+        assert child_settings is made[1] and stores.get()[0] is child
+    finally:
+        parent.engine.dispose()
+        child.engine.dispose()
