@@ -273,8 +273,8 @@ context.configure(
 )
 with context.begin_transaction():
     context.run_migrations()
-if context.config.attributes.get("with_tool"):
-    tool.upgrade(connection)
+    if context.config.attributes.get("with_tool"):  # as the README shows it
+        tool.upgrade(connection)
 '''
 
 HOST_REVISION = '''
