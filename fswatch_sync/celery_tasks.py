@@ -63,6 +63,11 @@ class _Stores:
     def get(self) -> tuple[Store, Settings]:
         with self._lock:
             if self._pid != os.getpid() or self._store is None or self._settings is None:
+                if self._store is not None and self._pid != os.getpid():
+                    # The parent's pooled connections are the parent's: dropped here without
+                    # closing, which would end the parent's sessions from the child.
+                    self._store.engine.dispose(close=False)
+                    self._store = None
                 settings = _resolve(self._source)
                 store = Store.from_settings(settings)
                 store.ensure_tool_tables()
