@@ -17,9 +17,11 @@ The first two keep the revision in ``fswatch_sync_alembic_version``, never in th
 
 Adding a revision (a column or table added to ``tool_metadata``):
 
-1. ``alembic -c fswatch_sync/migrations/alembic.ini -x url=sqlite:///scratch.db revision
-   --autogenerate -m "what changed"`` after ``upgrade head`` on that scratch database, then read
-   and trim the script (name it ``NNNN_what.py``, revision ``"NNNN"``);
+1. on a scratch database brought to the current head
+   (``alembic -c fswatch_sync/migrations/alembic.ini -x url=sqlite:///scratch.db upgrade head``),
+   ``alembic -c fswatch_sync/migrations/alembic.ini -x url=sqlite:///scratch.db revision
+   --autogenerate --rev-id 0003 -m "what changed"`` drafts ``versions/0003_what_changed.py``;
+   read and trim it (MariaDB needs ``mysql_length`` on an index over a TEXT column);
 2. add its entry to :data:`LAYOUT_MARKERS`: how to recognise a database that already has the
    change without a recorded revision (tables made by ``create_all`` in ``init-db`` or at start);
    a new table must then be created only when absent;

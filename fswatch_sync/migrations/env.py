@@ -1,9 +1,11 @@
 """Alembic environment for fswatch_sync's own tables.
 
-Used by ``fswatch-sync db upgrade`` and :func:`fswatch_sync.migrations.upgrade` (which hand it a
-connection), and by a plain ``alembic -x url=... `` run against this directory. It only ever looks
-at the tool's tables, and keeps its revision in ``fswatch_sync_alembic_version``, so it can share a
-database (and a connection) with the host's own Alembic history.
+Used by the ``alembic`` command line against this directory
+(``alembic -c fswatch_sync/migrations/alembic.ini -x url=...``: ``revision --autogenerate``,
+``check``, ``upgrade --sql``), and by ``alembic.command`` with the Config of
+:func:`fswatch_sync.migrations.alembic_config` (which hands it a connection). ``fswatch-sync db
+upgrade`` runs the same scripts without it. It only ever looks at the tool's tables, and keeps its
+revision in ``fswatch_sync_alembic_version``, apart from the host's own Alembic history.
 """
 
 from __future__ import annotations
