@@ -135,7 +135,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     database = commands.add_parser(
         "db", help="the tool's own tables: migrations", description="the tool's own tables"
     )
-    database_commands = database.add_subparsers(dest="db_command", required=True)
+    database_commands = database.add_subparsers(
+        dest="db_command", required=True, help="what to do with them"
+    )
     upgrade_text = "bring the tool's own tables to the newest revision (after every upgrade)"
     upgrade = database_commands.add_parser(
         "upgrade", parents=[_settings_parent("db")], help=upgrade_text, description=upgrade_text
