@@ -67,6 +67,24 @@ def include_tool_tables(
     return True
 
 
+def only_for_dialect(dialect: str) -> Callable[..., bool]:
+    """Alembic ``include_object`` hook: leave out what ``tool_metadata`` creates only on other
+    dialects (``Index(...).ddl_if(dialect=...)``), which autogenerate does not consult and would
+    report as missing there."""
+
+    def include_object(
+        obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any
+    ) -> bool:
+        # SQLAlchemy keeps ddl_if's condition as _ddl_if; there is no public accessor.
+        rule = getattr(obj, "_ddl_if", None)
+        if reflected or rule is None or rule.dialect is None:
+            return True
+        dialects = (rule.dialect,) if isinstance(rule.dialect, str) else tuple(rule.dialect)
+        return dialect in dialects
+
+    return include_object
+
+
 def exclude_tool_tables(
     name: str | None, type_: NameFilterType, parent_names: NameFilterParentNames
 ) -> bool:
@@ -96,6 +114,13 @@ _RELEASED_TABLES = (
 # existing table, so a new index or column on an existing table is the safe sign; a new table
 # alone is not (a newer version's start-up may have created it beside an old journal).
 LAYOUT_MARKERS: tuple[tuple[str, Callable[[Inspector], bool]], ...] = (
+    (
+        # 0002's index by app is gone (0003 has a partial one, and none on MariaDB).
+        "0003",
+        lambda inspector: {"ix_fswatch_sync_journal_batch"}
+        <= _index_names(inspector, "fswatch_sync_journal")
+        and "ix_fswatch_sync_journal_app" not in _index_names(inspector, "fswatch_sync_journal"),
+    ),
     (
         "0002",
         lambda inspector: "ix_fswatch_sync_journal_batch"
@@ -203,6 +228,7 @@ def compare(connection: Connection) -> list[Any]:
         opts={
             "version_table": VERSION_TABLE,
             "include_name": include_tool_tables,
+            "include_object": only_for_dialect(connection.dialect.name),
             "compare_type": True,
             "target_metadata": tool_metadata,
         },

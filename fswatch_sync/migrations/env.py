@@ -14,7 +14,7 @@ from alembic import context
 from sqlalchemy.engine import Connection
 
 from fswatch_sync import db
-from fswatch_sync.migrations import VERSION_TABLE, include_tool_tables
+from fswatch_sync.migrations import VERSION_TABLE, include_tool_tables, only_for_dialect
 from fswatch_sync.schema import tool_metadata
 
 config = context.config
@@ -32,7 +32,11 @@ def _configure(**kwargs: object) -> None:
 
 def _run(connection: Connection) -> None:
     # SQLite alters a column only by copying its table: batch mode does that.
-    _configure(connection=connection, render_as_batch=connection.dialect.name == "sqlite")
+    _configure(
+        connection=connection,
+        render_as_batch=connection.dialect.name == "sqlite",
+        include_object=only_for_dialect(connection.dialect.name),
+    )
     with context.begin_transaction():
         context.run_migrations()
 
