@@ -18,7 +18,7 @@ from typing import Any, NoReturn, TextIO
 import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 
-from fswatch_sync import __version__, db, journal, records
+from fswatch_sync import __version__, db, journal, migrations, records
 from fswatch_sync.errors import (
     FswatchSyncError,
     LeaseUnavailable,
@@ -65,6 +65,7 @@ COMMAND_SETTINGS: dict[str, frozenset[str]] = {
     "sweep": _ALL_SETTINGS - _DAEMON_ONLY,
     "status": frozenset({"root", "database_url", "heartbeat_seconds", "log_level"}),
     "init-db": frozenset({"database_url", "log_level"}),
+    "db": frozenset({"database_url", "log_level"}),
     "journal": frozenset({"database_url", "log_level"}),
     "restore": frozenset({"root", "database_url", "log_level"}),
 }
@@ -130,6 +131,18 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
     command("init-db", "create the tables (idempotent)")
+
+    database = commands.add_parser(
+        "db", help="the tool's own tables: migrations", description="the tool's own tables"
+    )
+    database_commands = database.add_subparsers(
+        dest="db_command", required=True, help="what to do with them"
+    )
+    upgrade_text = "bring the tool's own tables to the newest revision (after every upgrade)"
+    upgrade = database_commands.add_parser(
+        "upgrade", parents=[_settings_parent("db")], help=upgrade_text, description=upgrade_text
+    )
+    upgrade.add_argument("revision", nargs="?", default="head", help="target (default: head)")
 
     listing = command("journal", "list recorded changes, newest first")
     listing.add_argument("--json", action="store_true", help="print a JSON list on stdout")
@@ -357,12 +370,33 @@ def cmd_sweep(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
 
 
 def cmd_init_db(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
-    created = open_store(settings).init_db()
+    store = open_store(settings)
+    existing = set(sa.inspect(store.engine).get_table_names())
+    # The tool's tables go through their migrations, so the database is at a recorded revision
+    # and a later 'db upgrade' knows where to start; then create_all adds the host tables.
+    migrations.upgrade(store.engine)
+    store.init_db()
+    created = [t for t in sa.inspect(store.engine).get_table_names() if t not in existing]
     target = redact_url(settings.database_url)
     if created:
         out.write(f"created {', '.join(created)} in {target}\n")
     else:
         out.write(f"all tables already exist in {target}\n")
+    return EXIT_OK
+
+
+def cmd_db(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
+    engine = db.create_engine(settings.database_url)
+    _opened.append(engine)
+    result = migrations.upgrade(engine, args.revision)
+    target = redact_url(settings.database_url)
+    start = result.before or (
+        f"{result.detected} (recognised, no revision recorded)" if result.detected else "empty"
+    )
+    if result.changed:
+        out.write(f"upgraded fswatch_sync tables in {target}: {start} -> {result.after}\n")
+    else:
+        out.write(f"fswatch_sync tables in {target} already at {result.after}\n")
     return EXIT_OK
 
 
@@ -495,6 +529,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace, Settings, TextIO], int]] = {
     "sweep": cmd_sweep,
     "init-db": cmd_init_db,
+    "db": cmd_db,
     "status": cmd_status,
     "journal": cmd_journal,
     "restore": cmd_restore,

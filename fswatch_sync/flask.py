@@ -24,8 +24,8 @@ never fails a request: if starting fails, the error is logged, the request goes 
 request tries again after ``AUTOSTART_RETRY_SECONDS``. Once started or stopped (``fswatch.stop()``),
 requests never start it again.
 
-Commands: ``flask fswatch-sync sweep|status|journal|restore|init-db ...`` take the same options
-as the ``fswatch-sync`` command, with the app's configuration as their defaults.
+Commands: ``flask fswatch-sync sweep|status|journal|restore|init-db|db upgrade ...`` take the
+same options as the ``fswatch-sync`` command, with the app's configuration as their defaults.
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ class FswatchSync:
 
 def _command_group() -> click.Group:
     group = AppGroup("fswatch-sync", help="Reconcile app rows and tasks with the directory tree.")
-    for name in ("sweep", "status", "journal", "restore", "init-db"):
+    for name in ("sweep", "status", "journal", "restore", "init-db", "db"):
         group.add_command(_passthrough(name))
     return group
 

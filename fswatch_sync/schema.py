@@ -33,7 +33,7 @@ from fswatch_sync.errors import SettingsError
 DEPENDENT_POLICIES = ("restrict", "delete", "nullify")
 
 # The tool's own tables live in their own MetaData so a host's Alembic can include or exclude
-# them as a whole (see README, "Alembic").
+# them as a whole (see README, "Migrations").
 tool_metadata = MetaData()
 
 # SQLite only auto-increments an INTEGER PRIMARY KEY; BigInteger elsewhere.

@@ -73,7 +73,8 @@ sweep_started: NamedSignal = _signals.signal(
     doc="""A sweep is about to run.
 
     sender: as for app_removed.
-    trigger: "startup", "periodic", "manual", "signal", "overflow", "root-back", "recovery".
+    trigger: "startup", "periodic", "manual", "signal", "overflow", "root-back", "recovery",
+        "celery" (the Celery task, fswatch_sync.celery_tasks).
     dry_run: bool.
     """,
 )
