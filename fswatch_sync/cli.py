@@ -123,7 +123,17 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     sweep.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     sweep.add_argument(
         "--force", action="store_true",
-        help="pass the mass-deletion fraction guard (never a missing root)",
+        help="pass the mass-deletion fraction (never a missing or empty root)",
+    )
+    sweep.add_argument(
+        "--allow-empty-root", action="store_true",
+        help="sweep a root that holds no app directory while app rows exist (the apps are"
+        " really gone, not an unmounted volume)",
+    )
+    sweep.add_argument(
+        "--force-model", action="append", default=[], metavar="SLUG",
+        help="sweep this model directory although it proves nothing (another device, or no app"
+        " while rows exist); repeatable",
     )
     sweep.add_argument("--now", metavar="ISO", help=argparse.SUPPRESS)
 
@@ -338,7 +348,10 @@ def cmd_sweep(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
     )
     now = _time("--now", args.now)
     try:
-        report = sweeper.run(now=now, dry_run=args.dry_run, force=args.force, trigger="manual")
+        report = sweeper.run(
+            now=now, dry_run=args.dry_run, force=args.force, trigger="manual",
+            allow_empty_root=args.allow_empty_root, force_models=args.force_model,
+        )
         code = EXIT_OK
     except SweepRefused as exc:
         refused = getattr(exc, "report", None)
@@ -362,6 +375,10 @@ def cmd_sweep(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
             rows.append(("blocked apps", f"{report.blocked_apps} (kept by a restrict policy)"))
         if report.journal_pruned:
             rows.append(("journal entries", f"{report.journal_pruned} past the retention deleted"))
+        if report.untrusted_models:
+            rows.append(("left alone", f"{report.untrusted_rows} rows of "
+                         + ", ".join(printable(slug) for slug in report.untrusted_models)
+                         + " (model directory proves nothing; --force-model SLUG)"))
         rows.append(("took", f"{report.duration_seconds:.2f}s"))
         _print_table(rows, out)
         if report.dry_run:
@@ -416,6 +433,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings, out: TextIO) -> int
             "sweeps": sweeps,
             "sweep_lease_holder": lease_holder,
             "apps_marked_missing": marked,
+            "waiting_rows": _waiting_rows(found),
         }, default=str) + "\n")
         return EXIT_OK
     out.write(f"database  {printable(settings.redacted_database_url())}\n"
@@ -425,11 +443,17 @@ def cmd_status(args: argparse.Namespace, settings: Settings, out: TextIO) -> int
     live = [i for i in found if i["live"]]
     out.write(f"instances ({len(live)} live)\n")
     _print_table(
-        [("id", "state", "heartbeat", "live")]
-        + [(i["instance_id"], i["state"], i["heartbeat_at"], "yes" if i["live"] else "no")
-           for i in found[:10]],
+        [("id", "state", "heartbeat", "live", "waiting rows")]
+        + [(i["instance_id"], i["state"], i["heartbeat_at"], "yes" if i["live"] else "no",
+            i["stats"].get("waiting_rows", 0)) for i in found[:10]],
         out,
     )
+    waiting = _waiting_rows(found)
+    if waiting:
+        out.write(
+            f"\n{waiting} app rows wait: their directories cannot be seen (root missing or"
+            " empty, or an untrusted model directory); nothing removes them until it is back\n"
+        )
     out.write("\nrecent sweeps\n")
     _print_table(
         [("id", "started", "trigger", "outcome", "apps", "orphan tasks", "stuck", "old")]
@@ -438,6 +462,13 @@ def cmd_status(args: argparse.Namespace, settings: Settings, out: TextIO) -> int
         out,
     )
     return EXIT_OK
+
+
+def _waiting_rows(found: Sequence[Mapping[str, Any]]) -> int:
+    """Rows waiting for the tree, as the live instances last reported (they share one root)."""
+    return max(
+        (int(i["stats"].get("waiting_rows", 0) or 0) for i in found if i["live"]), default=0
+    )
 
 
 # ``--limit 0``: a bound every backend's LIMIT accepts and no journal reaches.

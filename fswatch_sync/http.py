@@ -124,7 +124,10 @@ def health(service: Service) -> tuple[bool, dict[str, Any]]:
     stats = service.stats.snapshot()
     failed = int(stats.get("sweep_failures_in_a_row", 0))
     body: dict[str, Any] = {"ok": True, "watch_state": stats.get("watch_state"),
-                            "sweep_failures_in_a_row": failed}
+                            "sweep_failures_in_a_row": failed,
+                            # rows whose directories cannot be seen, kept until the tree
+                            # proves their absence (see treehealth)
+                            "waiting_rows": service.status_stats()["waiting_rows"]}
     if not service.running:
         body.update(ok=False, reason="the service is not running")
     elif failed >= UNHEALTHY_AFTER_FAILED_SWEEPS:

@@ -22,11 +22,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from fswatch_sync import announce, db
-from fswatch_sync.layout import AppKey, any_app_dir, app_exists, apps_present, root_present
+from fswatch_sync import announce, db, treehealth
+from fswatch_sync.layout import AppKey, any_app_dir, app_exists, apps_present, scan_tree
 from fswatch_sync.stats import Stats
 from fswatch_sync.store import RemovalOutcome, Store, chunks
-from fswatch_sync.text import first_line
+from fswatch_sync.text import first_line, printable
 from fswatch_sync.watcher import AppGone, Hint, ModelGone
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ class Reactor:
         root_marker: str = "",
         missing_grace: timedelta | None = None,
         cancel_when_missing: bool = True,
+        known: Callable[[str | None], treehealth.Identity | None] | None = None,
     ) -> None:
         self.store = store
         self.root = root
@@ -80,11 +81,25 @@ class Reactor:
         self.root_marker = root_marker
         self.missing_grace = missing_grace
         self.cancel_when_missing = cancel_when_missing
+        # What was seen before: the root's identity when last seen holding apps (None), each
+        # model directory's when watched (its slug). See treehealth.
+        self.known: Callable[[str | None], treehealth.Identity | None] = known or (
+            lambda _name: None
+        )
         self._condition = threading.Condition()
         self._keys: set[AppKey] = set()
         self._slugs: set[str] = set()
         # Keys whose removal failed alone: each waits for its own retry, apart from the queue.
         self._suspects: dict[AppKey, _Suspect] = {}
+        # The queued hints the kernel itself reported (see watcher.AppGone.reported): kept apart
+        # from the queue so that a batch put back after a failure keeps them.
+        self._reported_keys: set[AppKey] = set()
+        self._reported_slugs: set[str] = set()
+        # Removals held back because the tree proves nothing now (reason per key or slug),
+        # shown in the status; the sweep decides them once the tree is trusted again.
+        self._waiting: dict[AppKey, str] = {}
+        self._waiting_slugs: dict[str, str] = {}
+        self._untrusted_logged: set[str] = set()
         self._last_hint = 0.0
         self._backoff = 0.0
         self._retry_at = 0.0
@@ -96,8 +111,12 @@ class Reactor:
             if isinstance(hint, AppGone):
                 if hint.key not in self._suspects:  # already due for its own retry
                     self._keys.add(hint.key)
+                if hint.reported:
+                    self._reported_keys.add(hint.key)
             elif isinstance(hint, ModelGone):
                 self._slugs.add(hint.slug)
+                if hint.reported:
+                    self._reported_slugs.add(hint.slug)
             self.stats.add("events_handled")
             if self._queued() > self.max_pending:
                 log.warning(
@@ -137,6 +156,28 @@ class Reactor:
         self._keys.clear()
         self._slugs.clear()
         self._suspects.clear()
+        self._reported_keys.clear()
+        self._reported_slugs.clear()
+
+    def waiting(self) -> dict[str, Any]:
+        """The removals held back until the tree is trusted again, for the status."""
+        with self._condition:
+            keys = sorted(self._waiting)
+            slugs = sorted(self._waiting_slugs)
+            reasons = sorted({*self._waiting.values(), *self._waiting_slugs.values()})
+        return {
+            "apps": len(keys),
+            "models": len(slugs),
+            "reasons": reasons,
+            "sample": [str(key) for key in keys[:20]]
+            + [f"{printable(slug)}/*" for slug in slugs[:5]],
+        }
+
+    def discard_waiting(self) -> None:
+        """The tree is trusted again: a sweep (which judges every row) decides the waiting ones."""
+        with self._condition:
+            self._waiting.clear()
+            self._waiting_slugs.clear()
 
     def _publish(self) -> None:
         self.stats.set("queue_depth", self._queued())
@@ -224,22 +265,40 @@ class Reactor:
         Each batch is announced as soon as it has committed. ``keys`` and ``slugs`` are consumed
         as the work is done, so when a batch fails they hold exactly what is left to retry.
         """
-        if not root_present(self.root, self.root_marker):
-            # An unmounted or deleted root says nothing about the apps: act on nothing; the
-            # sweep after the root's return reconciles everything.
-            self._forget(keys)
-            self.root_unusable("root-missing")
-            return
-        if not any_app_dir(self.root):
-            self._forget(keys)
-            self.root_unusable("root-empty")
-            return
+        with self._condition:
+            reported_keys = keys & self._reported_keys
+            reported_slugs = slugs & self._reported_slugs
+        root = treehealth.look_at_root(self.root, self.root_marker)
+        if (keys - reported_keys) or (slugs - reported_slugs):
+            # Only what the kernel did not itself report needs the tree to prove absence.
+            problem = self._root_problem(root)
+            if problem is not None:
+                self.root_unusable(problem)
+                self._forget(keys - reported_keys)  # suspects among them: left to the sweep
+                self._hold(keys - reported_keys, slugs - reported_slugs, problem)
+                keys &= reported_keys
+                slugs &= reported_slugs
         for slug in sorted(slugs):
             found = self.store.app_keys_for_slug(slug)
             with self._condition:
                 # A suspect of this model keeps its own schedule.
                 keys.update(key for key in found if key not in self._suspects)
+                if slug in self._reported_slugs:
+                    self._reported_keys.update(found)
+                self._reported_slugs.discard(slug)
             slugs.discard(slug)
+        untrusted: dict[str, str] = {}
+        for slug in sorted({key.model_slug for key in keys}):
+            reason = self._model_problem(slug, root)
+            if reason is not None:
+                untrusted[slug] = reason
+        if untrusted:
+            held = {key for key in keys if key.model_slug in untrusted}
+            self._forget(held)
+            for key in held:
+                self._hold({key}, set(), untrusted[key.model_slug])
+            keys -= held
+            self._log_untrusted(untrusted)
         absent = sorted(key for key in keys if not app_exists(self.root, key))
         for key in keys.difference(absent):  # back on disk: nothing to do, nothing suspect
             self._cleared(key)
@@ -313,8 +372,58 @@ class Reactor:
                 self._suspects.pop(key, None)
             self._publish()
 
+    def _root_problem(self, root: treehealth.Look) -> str | None:
+        """treehealth's verdict on the root for hints that need the tree to prove absence."""
+        if root.seen is not treehealth.Seen.DIRECTORY:
+            return treehealth.ROOT_MISSING
+        apps_seen = any_app_dir(self.root)
+        return treehealth.judge_root(
+            root,
+            apps_seen=apps_seen,
+            rows_exist=not apps_seen and self.store.app_rows_exist(),
+            known=self.known(None),
+        )
+
+    def _model_problem(self, slug: str, root: treehealth.Look) -> str | None:
+        model = treehealth.look(self.root / slug, follow=False)
+        if model.seen is not treehealth.Seen.DIRECTORY:
+            return treehealth.judge_model(
+                model, root_device=root.device, apps_seen=False, rows_exist=True, known=None
+            )
+        # Without a watch to compare with (no watcher), an empty model directory counts as the
+        # one the hint came from; with one, it must still be that directory.
+        known = self.known(slug) or model.identity
+        return treehealth.judge_model(
+            model,
+            root_device=root.device,
+            # Still the watched directory: whether it shows apps changes nothing (no listing).
+            apps_seen=model.identity == known or bool(scan_tree(self.root, [slug]).present),
+            rows_exist=True,
+            known=known,
+        )
+
+    def _hold(self, keys: set[AppKey], slugs: set[str], reason: str) -> None:
+        with self._condition:
+            for key in keys:
+                self._waiting[key] = reason
+            for slug in slugs:
+                self._waiting_slugs[slug] = reason
+            self._reported_keys -= keys
+            self._reported_slugs -= slugs
+
+    def _log_untrusted(self, untrusted: dict[str, str]) -> None:
+        fresh = sorted(set(untrusted) - self._untrusted_logged)
+        if fresh:
+            self._untrusted_logged.update(fresh)
+            log.warning(
+                "model directories that prove nothing about their apps (another device than"
+                " the root, or no app while rows exist); their removals wait: %s",
+                ", ".join(f"{printable(slug)} ({untrusted[slug]})" for slug in fresh),
+            )
+
     def _cleared(self, key: AppKey) -> None:
         with self._condition:
+            self._reported_keys.discard(key)
             previous = self._suspects.pop(key, None)
             if previous is not None:
                 self._publish()

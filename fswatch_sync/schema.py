@@ -94,6 +94,20 @@ missing_table = Table(
     ),
 )
 
+# The directories (the root, each model directory) last seen holding apps, as (device, inode),
+# per host and root: an empty root or model directory that is still the same directory had its
+# last apps really deleted, where an unmounted volume's mount point is another directory.
+tree_table = Table(
+    "fswatch_sync_tree",
+    tool_metadata,
+    Column("id", _JournalId, primary_key=True, autoincrement=True),
+    Column("scope", String(64), nullable=False),
+    Column("slug", Text, nullable=True),  # NULL: the root itself
+    Column("identity", String(64), nullable=False),
+    Column("recorded_at", _Time, nullable=False),
+    Index("ix_fswatch_sync_tree_scope", "scope"),
+)
+
 sweeps_table = Table(
     "fswatch_sync_sweeps",
     tool_metadata,

@@ -20,9 +20,9 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from fswatch_sync import db, records, signals
+from fswatch_sync import db, records, signals, treehealth
 from fswatch_sync.errors import LeaseUnavailable, SweepInterrupted, SweepRefused
-from fswatch_sync.layout import any_app_dir, root_present, scan_apps
+from fswatch_sync.layout import any_app_dir, scan_apps
 from fswatch_sync.reactor import Reactor
 from fswatch_sync.records import LeaseLost
 from fswatch_sync.settings import Settings, describe
@@ -79,8 +79,16 @@ class Service:
         self._root_back: tuple[int, float] | None = None
         # The watcher restarted the root's watches (root gone, back, replaced, re-pointed).
         self._root_replaced = False
+        # The root's (device, inode) when this process last saw it holding an app directory:
+        # an empty root that is still that directory had its last apps really deleted.
+        self._root_seen: treehealth.Identity | None = None
+        # App rows while the root proves nothing: every one waits for it (shown in the status).
+        self._waiting_rows = 0
         self.observer_kind = choose_observer_kind(settings.observer, settings.root)
-        self.sweeper = Sweeper(self.store, settings, instance_id=self.instance_id, sender=self)
+        self.sweeper = Sweeper(
+            self.store, settings, instance_id=self.instance_id, sender=self,
+            known_root=lambda: self._root_seen,
+        )
         self.reactor = Reactor(
             self.store,
             settings.root,
@@ -97,8 +105,14 @@ class Service:
                 else None
             ),
             cancel_when_missing=settings.cancel_tasks_when_missing,
+            known=self._known_identity,
         )
         self.watcher = self._new_watcher()
+
+    def _known_identity(self, slug: str | None) -> treehealth.Identity | None:
+        if slug is None:
+            return self._root_seen
+        return self.watcher.model_identity(slug)
 
     def _new_watcher(self) -> Watcher:
         return Watcher(
@@ -271,6 +285,8 @@ class Service:
                 self.stats.add("sweeps_refused")
                 raise
             self._count(report)
+            if not report.dry_run:
+                self.reactor.discard_waiting()  # the sweep has judged every row
             return report
 
     def _count(self, report: SweepReport) -> None:
@@ -400,28 +416,40 @@ class Service:
         self.request_sweep("overflow")
 
     def _root_problem(self) -> str | None:
-        if not root_present(self.settings.root, self.settings.root_marker):
-            return "root-missing"
-        if not any_app_dir(self.settings.root) and self.store.app_rows_exist():
-            return "root-empty"
-        return None
+        root = treehealth.look_at_root(self.settings.root, self.settings.root_marker)
+        if root.seen is not treehealth.Seen.DIRECTORY:
+            return treehealth.ROOT_MISSING
+        apps_seen = any_app_dir(self.settings.root)
+        if apps_seen:
+            self._root_seen = root.identity
+        return treehealth.judge_root(
+            root,
+            apps_seen=apps_seen,
+            rows_exist=not apps_seen and self.store.app_rows_exist(),
+            known=self._root_seen,
+        )
 
     def _update_root_state(self) -> None:
         problem = self._root_problem()
         state = problem or "watching"
         previous, self._root_state = self._root_state, state
         self.stats.set("watch_state", state)
+        if problem is not None:
+            self._waiting_rows = treehealth.count_rows(self.store.engine, self.store.host.apps)
         if state == previous:
             return
+        if problem is None:
+            self._waiting_rows = 0
         if problem is not None:
+            # Queued hints stay: the reactor applies what the kernel itself reported and holds
+            # the rest (shown as waiting) until the root is back.
             self._root_back = None
-            self.reactor.discard_pending()
             root = printable(str(self.settings.root))
             detail = (
                 f"the root {root} is missing or not mounted; removing nothing"
                 if problem == "root-missing"
-                else f"the root {root} has no app directory while app rows exist;"
-                " removing nothing"
+                else f"the root {root} has no app directory while app rows exist"
+                " and is not the directory seen holding apps; removing nothing"
             )
             log.warning("%s", detail)
             signals.send(signals.watch_degraded, self, reason=problem, detail=detail)
@@ -433,6 +461,7 @@ class Service:
             with self._watcher_lock:
                 self.watcher.forget_root()
                 self.watcher.rewatch()
+            self.reactor.discard_waiting()  # the root-back sweep decides them
             signals.send(signals.watch_degraded, self, reason="recovered", detail="root is back")
             self._root_back = (len(scan_apps(self.settings.root)), time.monotonic())
 
@@ -519,6 +548,12 @@ class Service:
     def status_stats(self) -> dict[str, Any]:
         stats = self.stats.snapshot()
         stats["queue_depth"] = self.reactor.pending()
+        waiting = self.reactor.waiting()
+        # Rows whose directories cannot be seen now and that nothing removes until the tree
+        # proves their absence: every row while the root is missing or empty, else the rows of
+        # the removals the reactor holds back (an untrusted model directory).
+        stats["waiting_rows"] = max(self._waiting_rows, waiting["apps"])
+        stats["waiting"] = waiting
         stats["watches"] = self.watcher.watch_count
         stats["observer"] = self.observer_kind
         return stats

@@ -12,20 +12,23 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from fswatch_sync import announce, db, rules, signals
+from fswatch_sync import announce, db, rules, signals, treehealth
 from fswatch_sync.errors import SweepInterrupted, SweepRefused
-from fswatch_sync.layout import AppKey, Scan, apps_present, root_present, scan_tree
+from fswatch_sync.layout import AppKey, Scan, apps_present, scan_tree
 from fswatch_sync.records import Lease, SweepLog
 from fswatch_sync.settings import Settings
 from fswatch_sync.store import AppRow, Store, TaskChange
 from fswatch_sync.text import first_line, printable
+from fswatch_sync.treehealth import Seen, TreeRecord
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,9 @@ class SweepReport:
     app_dirs: int = 0
     unreadable_dirs: int = 0
     refused: str | None = None
+    # Model directories that prove nothing about their apps (see treehealth); their rows stay.
+    untrusted_models: list[str] = field(default_factory=list)
+    untrusted_rows: int = 0
     started_at: datetime | None = None
     duration_seconds: float = 0.0
     removed: list[AppKey] = field(default_factory=list, repr=False)
@@ -96,6 +102,8 @@ class SweepReport:
             "app_rows": self.app_rows,
             "app_dirs": self.app_dirs,
             "unreadable_dirs": self.unreadable_dirs,
+            "untrusted_models": self.untrusted_models,
+            "untrusted_rows": self.untrusted_rows,
             "started_at": self.started_at.isoformat() if self.started_at else None,
             "duration_seconds": round(self.duration_seconds, 3),
         }
@@ -121,21 +129,31 @@ def orphan_keys(
 
 def guard(
     *,
-    root_ok: bool,
-    dirs: int,
+    root_problem: str | None,
     rows: int,
     orphans: int,
     max_fraction: float,
     force: bool,
 ) -> str | None:
-    """Why the sweep must not run now, or None. A missing root is refused even when forced."""
-    if not root_ok:
+    """Why the sweep must not run now, or None.
+
+    ``root_problem`` is :mod:`fswatch_sync.treehealth`'s verdict on the root (an empty root was
+    already let through there when it is the directory seen holding apps before, or when the
+    operator allowed it); ``--force`` never passes it. ``force`` passes only the fraction. A
+    single removal is never a mass deletion, unless the fraction is 0 (nothing without --force).
+    """
+    if root_problem == treehealth.ROOT_MISSING:
         return "the root is missing (not mounted?); nothing was changed"
+    if root_problem is not None:
+        return (
+            f"the root holds no app directory while {rows} app rows exist and it is not the"
+            " directory seen holding apps before (an unmounted volume's mount point looks like"
+            " this); nothing was changed (use --allow-empty-root if the apps are really gone)"
+        )
     if force:
         return None
-    if dirs == 0 and rows > 0:
-        return f"the root holds no app directory while {rows} app rows exist; nothing was changed"
-    if rows and orphans > max_fraction * rows:
+    allowed = max(max_fraction * rows, 1.0 if max_fraction > 0 else 0.0)
+    if rows and orphans > allowed:
         return (
             f"{orphans} of {rows} app rows ({orphans / rows:.0%}) have no directory, more than the"
             f" allowed {max_fraction:.0%}; nothing was changed (use --force to proceed)"
@@ -157,8 +175,13 @@ class Sweeper:
         instance_id: str,
         sender: Any = None,
         progress: Progress | None = None,
+        known_root: Callable[[], treehealth.Identity | None] | None = None,
     ) -> None:
         self.store = store
+        # The root's identity as this process last saw it holding apps (a running service).
+        self.known_root = known_root
+        self.tree_record = TreeRecord(store.engine, settings.root)
+        self._untrusted_logged: dict[str, str] = {}
         self.settings = settings
         self.instance_id = instance_id
         self.sender = self if sender is None else sender
@@ -201,9 +224,14 @@ class Sweeper:
         dry_run: bool = False,
         force: bool = False,
         trigger: str = "manual",
+        allow_empty_root: bool = False,
+        force_models: Iterable[str] = (),
     ) -> SweepReport:
         """One full pass. Raises SweepRefused (nothing changed), LeaseUnavailable, or
-        SweepInterrupted (stopped part-way, each batch whole)."""
+        SweepInterrupted (stopped part-way, each batch whole).
+
+        ``force`` passes the mass-deletion fraction only; ``allow_empty_root`` an empty root;
+        ``force_models`` the model directories named (see :mod:`fswatch_sync.treehealth`)."""
         if self.interrupted.is_set():
             raise SweepInterrupted("the sweep was interrupted (the instance is stopping)")
         # The lease first: taking it may wait for the previous holder's last transaction, and
@@ -226,7 +254,10 @@ class Sweeper:
             self._current = sweep_id
             outcome, message = "failed", None
             try:
-                self._passes(report, moment, dry_run=dry_run, force=force)
+                self._passes(
+                    report, moment, dry_run=dry_run, force=force,
+                    allow_empty_root=allow_empty_root, force_models=tuple(force_models),
+                )
                 outcome = "ok"
             except SweepInterrupted as exc:
                 outcome, message = "interrupted", str(exc)
@@ -265,55 +296,49 @@ class Sweeper:
         )
         return report
 
-    def _passes(self, report: SweepReport, now: datetime, *, dry_run: bool, force: bool) -> None:
+    def _passes(
+        self,
+        report: SweepReport,
+        now: datetime,
+        *,
+        dry_run: bool,
+        force: bool,
+        allow_empty_root: bool = False,
+        force_models: tuple[str, ...] = (),
+    ) -> None:
         if dry_run:
             with self.store.rehearsal() as rehearsal:
-                self._apply(rehearsal, report, now, force=force, live=False)
+                self._apply(
+                    rehearsal, report, now, force=force, live=False,
+                    allow_empty_root=allow_empty_root, force_models=force_models,
+                )
             return
         store = self.store.with_commit_check(self._commit_check)
-        self._apply(store, report, now, force=force, live=True)
+        self._apply(
+            store, report, now, force=force, live=True,
+            allow_empty_root=allow_empty_root, force_models=force_models,
+        )
 
     def _apply(
-        self, store: Store, report: SweepReport, now: datetime, *, force: bool, live: bool
+        self,
+        store: Store,
+        report: SweepReport,
+        now: datetime,
+        *,
+        force: bool,
+        live: bool,
+        allow_empty_root: bool = False,
+        force_models: tuple[str, ...] = (),
     ) -> None:
         """Scan, guard, then every rule in order. ``live``: a real run (renews the lease
         between long steps and sends signals after each commit)."""
         settings = self.settings
         root = settings.root
-        root_ok = root_present(root, settings.root_marker)
-        scan = scan_tree(root) if root_ok else Scan(set(), frozenset(), root_listed=False)
-        # A root that cannot be listed tells nothing about any app: treated as missing.
-        root_ok = root_ok and scan.root_listed
-        present = scan.present
-        if scan.unreadable:
-            log.warning(
-                "%d model directories could not be listed; their apps are left alone: %s",
-                len(scan.unreadable),
-                ", ".join(printable(slug) for slug in sorted(scan.unreadable)[:5]),
-            )
         grace = timedelta(minutes=settings.app_grace_minutes)
-        rows = store.app_rows(young_after=now - grace)
-        report.app_keys, report.app_dirs = len(rows), len(present)
-        report.app_rows = sum(row[2] for row in rows)
-        report.unreadable_dirs = len(scan.unreadable)
-        candidates = (
-            orphan_keys(present, rows, scan.unreadable) if settings.cleanup_orphan_apps else []
+        candidates, present = self._judge_tree(
+            report, store, now, grace,
+            live=live, force=force, allow_empty_root=allow_empty_root, force_models=force_models,
         )
-        refusal = guard(
-            root_ok=root_ok,
-            dirs=len(present),
-            rows=len(rows),
-            orphans=len(candidates),
-            max_fraction=settings.max_delete_fraction,
-            force=force,
-        )
-        if refusal is not None:
-            if not root_ok:
-                # A path with a newline (or bytes that are not UTF-8) is quoted: one line.
-                shown = str(root) if str(root).isprintable() else repr(str(root))
-                refusal = f"{shown}: {refusal}"
-            log.warning("sweep refused: %s", refusal)
-            raise SweepRefused(refusal)
         # Scanning wrote nothing, so no commit renewed the lease meanwhile.
         if live:
             self._renew()
@@ -369,6 +394,102 @@ class Sweeper:
             cutoff = now - timedelta(days=settings.journal_retention_days)
             self._report_progress("journal", 0, 0)
             report.journal_pruned = store.purge_journal(cutoff)
+
+    def _judge_tree(
+        self,
+        report: SweepReport,
+        store: Store,
+        now: datetime,
+        grace: timedelta,
+        *,
+        live: bool,
+        force: bool,
+        allow_empty_root: bool,
+        force_models: Iterable[str],
+    ) -> tuple[list[AppKey], set[AppKey]]:
+        """Scan the tree, ask treehealth which parts of it prove absence, and apply the guard:
+        the orphan keys and the apps present, or SweepRefused."""
+        settings, root = self.settings, self.settings.root
+        root_ok = treehealth.look_at_root(root, settings.root_marker).seen is Seen.DIRECTORY
+        scan = scan_tree(root) if root_ok else Scan(set(), frozenset(), root_listed=False)
+        present = scan.present
+        if scan.unreadable:
+            log.warning(
+                "%d model directories could not be listed; their apps are left alone: %s",
+                len(scan.unreadable),
+                ", ".join(printable(slug) for slug in sorted(scan.unreadable)[:5]),
+            )
+        rows = store.app_rows(young_after=now - grace)
+        report.app_keys, report.app_dirs = len(rows), len(present)
+        report.app_rows = sum(row[2] for row in rows)
+        report.unreadable_dirs = len(scan.unreadable)
+        row_slugs = Counter(row[0] for row in rows)
+        recorded = self._recorded_tree(live)
+        known = dict(recorded)
+        if self.known_root is not None and (seen := self.known_root()) is not None:
+            known[None] = seen  # this process saw it holding apps more recently than any sweep
+        health = treehealth.assess(
+            root,
+            marker=settings.root_marker,
+            root_listed=root_ok and scan.root_listed,
+            present=present,
+            unreadable=scan.unreadable,
+            row_slugs=row_slugs,
+            known=known,
+            allow_empty_root=allow_empty_root,
+            force_models=force_models,
+        )
+        untrusted = {
+            slug: reason
+            for slug, reason in health.untrusted.items()
+            if reason != treehealth.MODEL_UNREADABLE
+        }
+        report.untrusted_models = sorted(untrusted)
+        report.untrusted_rows = sum(row[2] for row in rows if row[0] in untrusted)
+        candidates = (
+            orphan_keys(present, rows, health.untrusted) if settings.cleanup_orphan_apps else []
+        )
+        refusal = guard(
+            root_problem=health.root_problem,
+            rows=len(rows),
+            orphans=len(candidates),
+            max_fraction=settings.max_delete_fraction,
+            # An operator who says the root is really empty has said every row goes.
+            force=force or (allow_empty_root and not present),
+        )
+        if refusal is not None:
+            if health.root_problem is not None:
+                # A path with a newline (or bytes that are not UTF-8) is quoted: one line.
+                shown = str(root) if str(root).isprintable() else repr(str(root))
+                refusal = f"{shown}: {refusal}"
+            log.warning("sweep refused: %s", refusal)
+            raise SweepRefused(refusal)
+        if untrusted != self._untrusted_logged:
+            self._untrusted_logged = untrusted
+            if untrusted:
+                log.warning(
+                    "%d model directories do not prove their apps absent (a volume mounted over"
+                    " or under them, or no app while rows exist); their %d rows are left alone"
+                    " (--force-model SLUG to sweep one): %s",
+                    len(untrusted),
+                    report.untrusted_rows,
+                    ", ".join(
+                        f"{printable(slug)} ({why})" for slug, why in sorted(untrusted.items())
+                    ),
+                )
+        if live:
+            self.tree_record.save(
+                health.seen_holding_apps, forget=health.absent_models, known=recorded, now=now
+            )
+        return candidates, present
+
+    def _recorded_tree(self, live: bool) -> dict[str | None, treehealth.Identity]:
+        try:
+            return self.tree_record.load()
+        except sa.exc.DBAPIError:
+            if live:
+                raise
+            return {}  # a dry run on a database whose tool tables were never created
 
     @staticmethod
     def _record(report: SweepReport, rule: rules.TaskRule, count: int, kept: int) -> None:

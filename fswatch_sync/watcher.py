@@ -53,16 +53,28 @@ NETWORK_FILESYSTEMS = frozenset(
 
 @dataclass(frozen=True)
 class AppGone:
-    """The app directory may have been removed, moved away or renamed."""
+    """The app directory may have been removed, moved away or renamed.
+
+    ``reported``: the kernel itself reported the directory unlinked from (or moved out of) its
+    model directory, watched on the root's device — a fact no unmount can fake, so it holds even
+    when the root is gone by the time the reactor gets to it. A polling observer's hints are
+    inferred from listings (an empty mount looks like deletions) and are never ``reported``.
+    """
 
     key: AppKey
+    reported: bool = False
 
 
 @dataclass(frozen=True)
 class ModelGone:
-    """The whole model directory may have been removed: every app of that slug is a candidate."""
+    """The whole model directory may have been removed: every app of that slug is a candidate.
+
+    ``reported``: as for :class:`AppGone` — the kernel reported the model directory removed
+    (``rmdir`` succeeds only on an empty directory, and never on a mount point) or moved out.
+    """
 
     slug: str
+    reported: bool = False
 
 
 Hint = AppGone | ModelGone
@@ -167,6 +179,8 @@ class Watcher:
         self._lock = threading.Lock()
         self._observer: BaseObserver | None = None
         self._model_watches: dict[str, ObservedWatch] = {}
+        # (device, inode) of each model directory when its watch was made.
+        self._model_identities: dict[str, tuple[int, int]] = {}
         self._root_watch: ObservedWatch | None = None
         # (device, inode) of the directory the root led to when its watch was made.
         self._root_identity: tuple[int, int] | None = None
@@ -185,6 +199,7 @@ class Watcher:
         with self._lock:
             self._observer = observer
             self._model_watches.clear()
+            self._model_identities.clear()
             self._root_watch, self._root_identity = None, None
             self._epoch += 1
         try:
@@ -200,6 +215,7 @@ class Watcher:
         with self._lock:
             observer, self._observer = self._observer, None
             self._model_watches.clear()
+            self._model_identities.clear()
             self._root_watch, self._root_identity = None, None
             self._epoch += 1
         if observer is not None:
@@ -219,6 +235,11 @@ class Watcher:
             if self._observer is None:
                 return 0
             return len(self._model_watches) + (1 if self._root_watch else 0) + 1
+
+    def model_identity(self, slug: str) -> tuple[int, int] | None:
+        """(device, inode) of the model directory when its watch was made, if it has one."""
+        with self._lock:
+            return self._model_identities.get(slug)
 
     def watched_models(self) -> frozenset[str]:
         """Slugs of the model directories that have a watch now."""
@@ -285,6 +306,7 @@ class Watcher:
             if observer is None or slug in self._model_watches:
                 return
             epoch, model_epoch = self._epoch, self._model_epochs.get(slug, 0)
+        identity = _identity(self.root / slug, follow=False)
         watch = self._schedule(observer, self.root / slug)
         if watch is None:
             return
@@ -294,8 +316,10 @@ class Watcher:
                 and epoch == self._epoch
                 and model_epoch == self._model_epochs.get(slug, 0)
             )
-            if current:
-                self._model_watches.setdefault(slug, watch)
+            if current and slug not in self._model_watches:
+                self._model_watches[slug] = watch
+                if identity is not None:
+                    self._model_identities[slug] = identity
             kept = current or self._model_watches.get(slug) == watch
         if not kept:
             _unschedule(observer, watch)
@@ -303,6 +327,7 @@ class Watcher:
     def forget_model(self, slug: str) -> None:
         with self._lock:
             watch = self._model_watches.pop(slug, None)
+            self._model_identities.pop(slug, None)
             self._model_epochs[slug] = self._model_epochs.get(slug, 0) + 1
             observer = self._observer
         if watch is not None and observer is not None:
@@ -314,6 +339,7 @@ class Watcher:
             if self._root_watch is not None:
                 watches.append(self._root_watch)
             self._model_watches.clear()
+            self._model_identities.clear()
             self._root_watch, self._root_identity = None, None
             self._epoch += 1
             observer = self._observer
@@ -407,6 +433,12 @@ class Watcher:
             same = identity is not None and identity == self._root_identity
         if same and self._root_alive():
             return
+        if identity is None:
+            # Gone (rm -rf, moved away): its watches stay until it is back. watchdog drops the
+            # queued events of a watch once it is unscheduled, and those are the kernel's own
+            # reports of the app and model directories removed before the root went.
+            self.on_root_change()
+            return
         self.forget_root()
         self.rewatch()
         self.on_root_change()
@@ -421,21 +453,32 @@ class Watcher:
             for emitter in list(observer.emitters)
         )
 
+    def reported(self, slug: str) -> bool:
+        """Whether an event from ``slug``'s watch is the kernel's own report of a removal: a
+        native observer, and the model directory watched on the root's device (a volume
+        mounted over a model directory is another device: its events prove nothing here)."""
+        if self.observer_kind == "polling":
+            return False
+        with self._lock:
+            model, root = self._model_identities.get(slug), self._root_identity
+        return model is not None and root is not None and model[0] == root[0]
+
     def _gone(self, src: str) -> None:
         key = key_for_path(self.root, src)
         if key is not None:
-            self.on_hint(AppGone(key))
+            self.on_hint(AppGone(key, reported=self.reported(key.model_slug)))
             return
         slug = slug_for_path(self.root, src)
         if slug is not None:
+            reported = self.reported(slug)
             self.forget_model(slug)
-            self.on_hint(ModelGone(slug))
+            self.on_hint(ModelGone(slug, reported=reported))
 
 
-def _identity(path: Path) -> tuple[int, int] | None:
+def _identity(path: Path, *, follow: bool = True) -> tuple[int, int] | None:
     """(device, inode) of the directory ``path`` leads to, or None when it is not one."""
     try:
-        info = os.stat(path)
+        info = os.stat(path) if follow else os.lstat(path)
     except (OSError, ValueError):
         return None
     return (info.st_dev, info.st_ino) if stat.S_ISDIR(info.st_mode) else None
