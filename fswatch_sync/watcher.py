@@ -16,8 +16,9 @@ import logging
 import os
 import stat
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from watchdog.events import (
@@ -49,6 +50,10 @@ NETWORK_FILESYSTEMS = frozenset(
     {"nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "fuse.sshfs", "9p", "ceph",
      "glusterfs", "fuse.glusterfs", "lustre", "gpfs", "afs", "fuse.s3fs", "fuse.rclone"}
 )
+# How long the watches of a root that went are kept for the events still on their way: a root
+# moved away (not removed) keeps its watches' emitters running, so this bounds the wait.
+DRAIN_SECONDS = 2.0
+_PAUSE = threading.Event()  # never set: its wait() paces the drain check
 
 
 @dataclass(frozen=True)
@@ -62,7 +67,8 @@ class AppGone:
     """
 
     key: AppKey
-    reported: bool = False
+    # Evidence about the hint, not part of what it names: equal hints name the same app.
+    reported: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -74,7 +80,7 @@ class ModelGone:
     """
 
     slug: str
-    reported: bool = False
+    reported: bool = field(default=False, compare=False)
 
 
 Hint = AppGone | ModelGone
@@ -182,6 +188,7 @@ class Watcher:
         # (device, inode) of each model directory when its watch was made.
         self._model_identities: dict[str, tuple[int, int]] = {}
         self._root_watch: ObservedWatch | None = None
+        self._parent_watch: ObservedWatch | None = None
         # (device, inode) of the directory the root led to when its watch was made.
         self._root_identity: tuple[int, int] | None = None
         self._epoch = 0
@@ -204,7 +211,9 @@ class Watcher:
             self._epoch += 1
         try:
             # The parent is watched so the root's own removal and return are seen.
-            observer.schedule(self._handler, str(self.root.parent), recursive=False)
+            parent = observer.schedule(self._handler, str(self.root.parent), recursive=False)
+            with self._lock:
+                self._parent_watch = parent
             self._watch_root_and_models()
             observer.start()
         except BaseException:
@@ -214,6 +223,7 @@ class Watcher:
     def stop(self) -> None:
         with self._lock:
             observer, self._observer = self._observer, None
+            self._parent_watch = None
             self._model_watches.clear()
             self._model_identities.clear()
             self._root_watch, self._root_identity = None, None
@@ -394,6 +404,9 @@ class Watcher:
     # -- events -----------------------------------------------------------------------------------
 
     def handle(self, event: FileSystemEvent) -> None:
+        if isinstance(event, _Drained):
+            self._drained(event)
+            return
         src = os.fsdecode(event.src_path)
         dest = os.fsdecode(getattr(event, "dest_path", "") or "")
         root = os.path.normpath(self.root)
@@ -434,14 +447,46 @@ class Watcher:
         if same and self._root_alive():
             return
         if identity is None:
-            # Gone (rm -rf, moved away): its watches stay until it is back. watchdog drops the
-            # queued events of a watch once it is unscheduled, and those are the kernel's own
-            # reports of the app and model directories removed before the root went.
+            # Gone (rm -rf, moved away). watchdog drops the queued events of a watch once it
+            # is unscheduled, and the events still queued behind this one are the kernel's own
+            # reports of the app and model directories removed before the root went: the
+            # watches are dropped only once those have been handled.
             self.on_root_change()
+            self._forget_root_when_drained(time.monotonic() + DRAIN_SECONDS)
             return
         self.forget_root()
         self.rewatch()
         self.on_root_change()
+
+    def _forget_root_when_drained(self, deadline: float) -> None:
+        with self._lock:
+            observer, parent, epoch = self._observer, self._parent_watch, self._epoch
+        if observer is None or parent is None:
+            self.forget_root()
+            return
+        check = _Drained(str(self.root), is_synthetic=True)
+        check.epoch, check.deadline = epoch, deadline
+        # Behind every event queued so far, on the parent's watch (never dropped meanwhile).
+        observer.event_queue.put((check, parent))
+
+    def _drained(self, check: _Drained) -> None:
+        with self._lock:
+            current = check.epoch == self._epoch and self._observer is not None
+            watches = {*self._model_watches.values(), self._root_watch}
+            observer, parent = self._observer, self._parent_watch
+        if not current or observer is None or parent is None or _identity(self.root) is not None:
+            return  # re-watched meanwhile, or back (its own event restarts the watches)
+        # An emitter still running may hold events it has not queued yet (a removed directory's
+        # emitter stops at its own deletion, once it has queued everything before it).
+        busy = any(
+            emitter.watch in watches and emitter.is_alive() and emitter.should_keep_running()
+            for emitter in list(observer.emitters)
+        )
+        if busy and time.monotonic() < check.deadline:
+            _PAUSE.wait(0.005)
+            observer.event_queue.put((check, parent))
+            return
+        self.forget_root()
 
     def _root_alive(self) -> bool:
         with self._lock:
@@ -473,6 +518,15 @@ class Watcher:
             reported = self.reported(slug)
             self.forget_model(slug)
             self.on_hint(ModelGone(slug, reported=reported))
+
+
+class _Drained(FileSystemEvent):
+    """Not a filesystem event: queued behind the events of a root that went, so that its
+    watches are dropped only once those events have been handled."""
+
+    event_type = "fswatch-sync-drained"
+    epoch: int = 0
+    deadline: float = 0.0
 
 
 def _identity(path: Path, *, follow: bool = True) -> tuple[int, int] | None:
