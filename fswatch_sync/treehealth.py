@@ -143,10 +143,12 @@ def judge_model(
     rows_exist: bool,
     known: Identity | None,
     forced: bool = False,
+    allow_empty: bool = False,
 ) -> str | None:
     """Why absence in this model directory proves nothing (``MODEL_*``), or None.
 
     Only for a model under a trusted root: a model directory that is not there is a removal.
+    ``allow_empty``: the operator said an empty tree is really empty (a mount still is not).
     """
     if model.seen is Seen.ABSENT:
         return None
@@ -156,7 +158,7 @@ def judge_model(
         return None
     if root_device is not None and model.device != root_device:
         return MODEL_MOUNTED
-    if apps_seen or not rows_exist:
+    if apps_seen or not rows_exist or allow_empty:
         return None
     if known is not None and model.identity == known:
         return None
@@ -235,6 +237,9 @@ def assess(
             rows_exist=row_slugs.get(slug, 0) > 0,
             known=known.get(slug),
             forced=slug in forced,
+            # --allow-empty-root on a root with no app at all: its model directories are empty
+            # for the same reason the operator vouched for.
+            allow_empty=allow_empty_root and not apps_by_slug,
         )
         if reason is not None:
             untrusted[slug] = reason

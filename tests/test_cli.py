@@ -113,7 +113,7 @@ def store(engine: Engine) -> Store:
 def test_guard_rules() -> None:
     def check(**kwargs: Any) -> str | None:
         values: dict[str, Any] = {
-            "root_ok": True, "dirs": 5, "rows": 10, "orphans": 5, "max_fraction": 0.5,
+            "root_problem": None, "rows": 10, "orphans": 5, "max_fraction": 0.5,
             "force": False,
         }
         values.update(kwargs)
@@ -125,11 +125,16 @@ def test_guard_rules() -> None:
     assert check(orphans=6, max_fraction=0.7) is None
     assert check(orphans=1, max_fraction=0.0) is not None
     assert check(orphans=0, max_fraction=0.0) is None
-    assert check(root_ok=False) is not None
-    assert check(root_ok=False, force=True) is not None
-    assert check(dirs=0, orphans=0) is not None  # empty root while rows exist
-    assert check(dirs=0, orphans=0, force=True) is None
-    assert check(dirs=0, rows=0, orphans=0) is None  # nothing anywhere: nothing to refuse
+    assert check(root_problem="root-missing") is not None
+    assert check(root_problem="root-missing", force=True) is not None
+    # An empty root (treehealth's verdict) is never passed by --force: only --allow-empty-root,
+    # which treehealth applies before the guard.
+    assert check(root_problem="root-empty", orphans=10) is not None
+    assert check(root_problem="root-empty", orphans=10, force=True) is not None
+    # One removal is not a mass deletion (the last app), unless the fraction is 0.
+    assert check(rows=1, orphans=1) is None
+    assert check(rows=1, orphans=1, max_fraction=0.0) is not None
+    assert check(rows=3, orphans=2) is not None
 
 
 # -- the guard, through Sweeper -----------------------------------------------------------------
@@ -171,7 +176,12 @@ def test_guard_empty_root(
     with pytest.raises(SweepRefused, match="no app directory"):
         sweeper(store, apps_root, database_url, max_delete_fraction=1.0).run(now=now)
     assert host_state(store.engine) == before
-    report = sweeper(store, apps_root, database_url).run(now=now, force=True)
+    with pytest.raises(SweepRefused, match="no app directory"):  # --force passes no empty root
+        sweeper(store, apps_root, database_url).run(now=now, force=True)
+    assert host_state(store.engine) == before
+    report = sweeper(store, apps_root, database_url).run(
+        now=now, force=True, allow_empty_root=True
+    )
     assert (report.orphan_apps, report.orphan_tasks) == (10, 10)
     assert app_count(store.engine) == 0
 
@@ -267,13 +277,22 @@ def test_cli_guard(store: Store, database_url: str, apps_root: Path, now: dateti
     assert f"{gone}: the root is missing" in stderr
     assert host_state(engine) == before
 
-    # Root present but empty while rows exist: refused; --force proceeds.
+    # Root present but empty while rows exist: refused, --force too; --allow-empty-root
+    # proceeds.
     empty = apps_root.parent / "empty"
     empty.mkdir()
     code, report, stderr = sweep_json([], database_url, empty, now)
     assert code == 3, stderr
     assert host_state(engine) == before
     code, report, stderr = sweep_json(["--force"], database_url, empty, now)
+    assert code == 3, stderr
+    assert "--allow-empty-root" in stderr
+    assert host_state(engine) == before
+    code, report, stderr = sweep_json(["--allow-empty-root"], database_url, empty, now)
+    assert code == 3, stderr  # every row would go: the fraction still applies
+    assert "more than the allowed" in stderr
+    assert host_state(engine) == before
+    code, report, stderr = sweep_json(["--allow-empty-root", "--force"], database_url, empty, now)
     assert code == 0, stderr
     assert (report["orphan_apps"], report["orphan_tasks"]) == (10, 10)
     assert app_count(engine) == 0

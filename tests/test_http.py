@@ -195,7 +195,9 @@ def test_token_matches() -> None:
 def test_healthz_status_and_unknown_paths(endpoint: Endpoint) -> None:
     health = endpoint.request("GET", "/healthz")
     assert health.status == 200
-    assert health.json() == {"ok": True, "watch_state": "watching", "sweep_failures_in_a_row": 0}
+    assert health.json() == {
+        "ok": True, "watch_state": "watching", "sweep_failures_in_a_row": 0, "waiting_rows": 0
+    }
 
     status = endpoint.request("GET", "/status")
     assert status.status == 200

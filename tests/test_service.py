@@ -26,6 +26,7 @@ from helpers import (
     ScriptedStore,
     SeededApp,
     add_app_row,
+    app_keys,
     app_state,
     assert_removed,
     assert_untouched,
@@ -310,23 +311,20 @@ def test_root_link_re_pointed_to_another_volume_is_swept_and_watched(
             assert_untouched(probe, apps[key])
 
 
-def test_root_emptied_removes_nothing(
+def test_root_emptied_by_removing_every_model_is_a_real_removal(
     apps_root: Path, url: str, probe: Engine, apps: dict[AppKey, SeededApp]
 ) -> None:
-    degraded = Degraded()
-    # An unmount empties the root in one instant; two rmtree calls are one burst only within a
-    # settle window that spans them.
+    # The root is still the directory watched (an unmount shows another one: test_treehealth);
+    # the kernel reported each model directory removed, so every app of it is gone.
     settings = make_settings(apps_root, url, settle_ms=300.0)
-    with running_service(settings) as service, \
-            signals.watch_degraded.connected_to(degraded, sender=service):
+    with running_service(settings) as service:
         shutil.rmtree(apps_root / SLUG)
         shutil.rmtree(apps_root / OTHER_SLUG)
-        wait_until(lambda: "root-empty" in degraded.reasons, what="watch_degraded root-empty")
+        wait_until(lambda: not app_keys(probe), what="every row removed")
         wait_until(lambda: service.reactor.pending() == 0, what="the queue to drain")
-        assert service.stats.get("watch_state") == "root-empty"
+        assert service.stats.get("watch_state") == "watching"
         for app in apps.values():
-            assert has_row(probe, app.key)
-            assert_untouched(probe, app)
+            assert_removed(probe, app)
 
 
 def test_root_missing_at_start_then_created(
