@@ -432,14 +432,15 @@ class Service:
     def _update_root_state(self) -> None:
         problem = self._root_problem()
         state = problem or "watching"
+        # Counted before the state is shown, so that the two never contradict each other.
+        self._waiting_rows = (
+            0 if problem is None
+            else treehealth.count_rows(self.store.engine, self.store.host.apps)
+        )
         previous, self._root_state = self._root_state, state
         self.stats.set("watch_state", state)
-        if problem is not None:
-            self._waiting_rows = treehealth.count_rows(self.store.engine, self.store.host.apps)
         if state == previous:
             return
-        if problem is None:
-            self._waiting_rows = 0
         if problem is not None:
             # Queued hints stay: the reactor applies what the kernel itself reported and holds
             # the rest (shown as waiting) until the root is back.
