@@ -432,11 +432,17 @@ class Service:
     def _update_root_state(self) -> None:
         problem = self._root_problem()
         state = problem or "watching"
-        # Counted before the state is shown, so that the two never contradict each other.
-        self._waiting_rows = (
-            0 if problem is None
-            else treehealth.count_rows(self.store.engine, self.store.host.apps)
-        )
+        # Counted before the state is shown, so that the two never contradict each other; a
+        # count the database cannot give now keeps the last one (the state matters more).
+        if problem is None:
+            self._waiting_rows = 0
+        else:
+            try:
+                self._waiting_rows = treehealth.count_rows(
+                    self.store.engine, self.store.host.apps
+                )
+            except SQLAlchemyError as exc:
+                log.debug("cannot count the waiting rows: %s", _first_line(exc))
         previous, self._root_state = self._root_state, state
         self.stats.set("watch_state", state)
         if state == previous:

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -47,6 +48,7 @@ from fswatch_sync.settings import Settings
 from fswatch_sync.store import Store
 from fswatch_sync.sweep import Sweeper
 from fswatch_sync.treehealth import Look, Seen
+from fswatch_sync.watcher import AppGone, Hint, ModelGone, Watcher
 
 SLUG, OTHER = "openai_gpt-4", "anthropic_claude-3"
 ROOT_ID, MOUNT_ID = (100, 2), (200, 1)
@@ -360,6 +362,58 @@ def test_the_reactor_removes_nothing_in_a_model_directory_on_another_device(
             wait_until(
                 lambda: service.reactor.waiting()["apps"] == 1, what="the other held back"
             )
+
+
+class Hints:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.seen: list[Hint] = []
+
+    def __call__(self, hint: Hint) -> None:
+        with self.lock:
+            self.seen.append(hint)
+
+    def evidence(self) -> dict[Hint, bool]:
+        with self.lock:
+            return {hint: hint.reported for hint in self.seen}
+
+
+@contextmanager
+def watching(root: Path, kind: str) -> Iterator[Hints]:
+    hints = Hints()
+    watcher = Watcher(
+        root, on_hint=hints, on_root_change=lambda: None, on_overflow=lambda: None,
+        observer_kind=kind, polling_interval=0.05,
+    )
+    watcher.start()
+    try:
+        yield hints
+    finally:
+        watcher.stop()
+
+
+@pytest.mark.parametrize("kind", ["native", "polling"])
+def test_only_the_kernel_reports_removals_on_the_roots_device(apps_root: Path, kind: str) -> None:
+    for slug in (SLUG, OTHER):
+        for number in (1, 2):
+            (apps_root / slug / f"app{number}").mkdir(parents=True)
+    with tmpfs_over(apps_root / "mounted"):
+        (apps_root / "mounted" / "app1").mkdir()
+        with watching(apps_root, kind) as hints:
+            shutil.rmtree(apps_root / SLUG / "app1")
+            shutil.rmtree(apps_root / "mounted" / "app1")
+            shutil.rmtree(apps_root / OTHER)
+            expected: dict[Hint, bool] = {
+                AppGone(AppKey(SLUG, 1)): kind == "native",
+                AppGone(AppKey("mounted", 1)): False,  # another device: proves nothing here
+                ModelGone(OTHER): kind == "native",
+            }
+            wait_until(
+                lambda: set(expected) <= set(hints.evidence()), what="the three hints",
+                on_timeout=lambda: str(hints.evidence()),
+            )
+            evidence = hints.evidence()
+            assert {hint: evidence[hint] for hint in expected} == expected
 
 
 # -- an empty or missing root ---------------------------------------------------------------------
