@@ -84,6 +84,8 @@ class Service:
         self._root_seen: treehealth.Identity | None = None
         # App rows while the root proves nothing: every one waits for it (shown in the status).
         self._waiting_rows = 0
+        # Rows of the model directories the last sweep found proving nothing.
+        self._untrusted_rows = 0
         self.observer_kind = choose_observer_kind(settings.observer, settings.root)
         self.sweeper = Sweeper(
             self.store, settings, instance_id=self.instance_id, sender=self,
@@ -286,6 +288,7 @@ class Service:
                 raise
             self._count(report)
             if not report.dry_run:
+                self._untrusted_rows = report.untrusted_rows
                 self.reactor.discard_waiting()  # the sweep has judged every row
             return report
 
@@ -558,8 +561,9 @@ class Service:
         waiting = self.reactor.waiting()
         # Rows whose directories cannot be seen now and that nothing removes until the tree
         # proves their absence: every row while the root is missing or empty, else the rows of
-        # the removals the reactor holds back (an untrusted model directory).
-        stats["waiting_rows"] = max(self._waiting_rows, waiting["apps"])
+        # untrusted model directories (the last sweep's count, or the removals the reactor has
+        # held back since).
+        stats["waiting_rows"] = max(self._waiting_rows, waiting["apps"], self._untrusted_rows)
         stats["waiting"] = waiting
         stats["watches"] = self.watcher.watch_count
         stats["observer"] = self.observer_kind

@@ -340,6 +340,10 @@ def test_the_reactor_removes_nothing_of_a_model_directory_under_a_mount(
             assert app_keys(engine) == {*MODEL_KEYS[:3], *OTHER_KEYS[1:3]}
             assert active_task_keys(engine) == {*MODEL_KEYS[:3], *OTHER_KEYS[1:3]}
             assert service.status_stats()["waiting_rows"] == 3
+            report = service.sweep_now()  # the service's own sweep judges the same
+            assert (report.untrusted_models, report.orphan_apps) == ([SLUG], 0)
+            assert app_keys(engine) == {*MODEL_KEYS[:3], *OTHER_KEYS[1:3]}
+            assert service.status_stats()["waiting_rows"] == 3
         assert removed_properly(engine, [OTHER_KEYS[0]], "reactor")
 
 
