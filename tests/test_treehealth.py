@@ -543,19 +543,23 @@ def test_an_unmounted_root_in_a_running_service_removes_nothing(
 ROOT_KEYS = [AppKey(f"model_{m}", n) for m in range(4) for n in range(1, 51)]
 
 
-def _status_json(database_url: str, root: Path) -> dict[str, Any]:
+def _status(database_url: str, root: Path, *args: str) -> str:
     env = {
         key: value for key, value in os.environ.items()
         if not key.startswith(("FSWATCH_SYNC_", "MAINTENANCE_"))
     }
     env["FSWATCH_SYNC_DATABASE_URL"] = database_url
     result = subprocess.run(
-        [sys.executable, "-m", "fswatch_sync", "status", "--json", "--root", str(root)],
+        [sys.executable, "-m", "fswatch_sync", "status", "--root", str(root), *args],
         cwd=root.parent.parent, env=env, capture_output=True, text=True, timeout=60,
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    found = json.loads(result.stdout)
+    return result.stdout
+
+
+def _status_json(database_url: str, root: Path) -> dict[str, Any]:
+    found = json.loads(_status(database_url, root, "--json"))
     assert isinstance(found, dict)
     return found
 
@@ -611,6 +615,7 @@ def test_rows_waiting_for_a_root_that_went_are_shown(
             lambda: _status_json(database_url, apps_root)["waiting_rows"] == 3,
             what="the waiting rows in `status --json`",
         )
+        assert "3 app rows wait" in _status(database_url, apps_root)
         assert app_keys(engine) == set(keys)
     assert active_task_keys(engine) == set(keys)
 
