@@ -433,8 +433,10 @@ def test_force_never_passes_a_missing_or_empty_root(
             code, printed, stderr = sweep_cli(args, database_url, apps_root)
             assert (code, printed["refused"]) == (3, True), stderr
             assert app_keys(store.engine) == before
-        code, printed, stderr = sweep_cli(["--allow-empty-root"], database_url, apps_root)
-        assert code == 3, stderr  # every row would go: the fraction still refuses
+        code, printed, stderr = sweep_cli(
+            ["--allow-empty-root", "--dry-run"], database_url, apps_root
+        )
+        assert (code, printed["orphan_apps"]) == (0, 10), stderr  # what the flag would do
         assert app_keys(store.engine) == before
     missing = apps_root.with_name("unmounted")
     for args in (["--force"], ["--force", "--allow-empty-root"]):
