@@ -445,7 +445,7 @@ class Service:
                     self.store.engine, self.store.host.apps
                 )
             except SQLAlchemyError as exc:
-                log.debug("cannot count the waiting rows: %s", _first_line(exc))
+                log.debug("cannot count the waiting rows: %s", first_line(exc))
         previous, self._root_state = self._root_state, state
         self.stats.set("watch_state", state)
         if state == previous:
