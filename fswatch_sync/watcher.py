@@ -185,7 +185,7 @@ class Watcher:
         self._lock = threading.Lock()
         self._observer: BaseObserver | None = None
         self._model_watches: dict[str, ObservedWatch] = {}
-        # (device, inode) of each model directory when its watch was made.
+        # (device, inode) of each model directory when its (last) watch was made.
         self._model_identities: dict[str, tuple[int, int]] = {}
         self._root_watch: ObservedWatch | None = None
         self._parent_watch: ObservedWatch | None = None
@@ -330,6 +330,8 @@ class Watcher:
                 self._model_watches[slug] = watch
                 if identity is not None:
                     self._model_identities[slug] = identity
+                else:
+                    self._model_identities.pop(slug, None)
             kept = current or self._model_watches.get(slug) == watch
         if not kept:
             _unschedule(observer, watch)
@@ -337,7 +339,8 @@ class Watcher:
     def forget_model(self, slug: str) -> None:
         with self._lock:
             watch = self._model_watches.pop(slug, None)
-            self._model_identities.pop(slug, None)
+            # Its identity stays until a new watch replaces it: the model directory's own
+            # deletion event may still be queued behind the root watch's report of it.
             self._model_epochs[slug] = self._model_epochs.get(slug, 0) + 1
             observer = self._observer
         if watch is not None and observer is not None:

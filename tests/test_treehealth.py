@@ -417,7 +417,7 @@ def test_only_the_kernel_reports_removals_on_the_roots_device(apps_root: Path, k
                 on_timeout=lambda: str(hints.evidence()),
             )
             evidence = hints.evidence()
-            assert {hint: evidence[hint] for hint in expected} == expected
+            assert {hint: evidence[hint] for hint in expected} == expected, hints.seen
 
 
 # -- an empty or missing root ---------------------------------------------------------------------
