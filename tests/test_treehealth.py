@@ -598,7 +598,9 @@ def _rm_rf_the_root(engine: Engine, settings: Settings) -> None:
             lambda: service.stats.get("watch_state") == "root-missing", what="root-missing"
         )
         wait_until(lambda: service.status_stats()["waiting_rows"] == 0, what="none waiting")
-        assert service.reactor.waiting()["apps"] == 0
+        wait_until(lambda: service.reactor.pending() == 0, what="the queue drained")
+        held = service.reactor.waiting()
+        assert (held["apps"], held["models"]) == (0, 0), held  # every hint was a kernel report
 
 
 def test_rows_waiting_for_a_root_that_went_are_shown(
