@@ -27,6 +27,7 @@ see one network share under different device numbers never compare each other's)
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import socket
@@ -83,8 +84,9 @@ def look(path: Path, *, follow: bool, stat_fn: Stat | None = None) -> Look:
         info = function(path)
     except (FileNotFoundError, NotADirectoryError, ValueError):
         return Look(Seen.ABSENT)
-    except OSError:
-        return Look(Seen.UNKNOWN)
+    except OSError as exc:
+        # No directory can carry a name longer than the filesystem allows (see layout).
+        return Look(Seen.ABSENT if exc.errno == errno.ENAMETOOLONG else Seen.UNKNOWN)
     if not stat.S_ISDIR(info.st_mode):
         return Look(Seen.ABSENT)
     return Look(Seen.DIRECTORY, (info.st_dev, info.st_ino))

@@ -8,13 +8,14 @@ the command line, asserting on the database.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import subprocess
 import sys
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -100,6 +101,27 @@ def test_judge_model() -> None:
     assert judge(same_device, apps_seen=False, forced=True) is None
     assert judge(same_device, apps_seen=False, allow_empty=True) is None
     assert judge(mounted, apps_seen=False, allow_empty=True) == "mounted"
+
+
+def test_look() -> None:
+    def failing(error: int) -> Callable[[Path], os.stat_result]:
+        def stat_fn(path: Path) -> os.stat_result:
+            raise OSError(error, os.strerror(error), str(path))
+        return stat_fn
+
+    assert treehealth.look(Path("x"), follow=False, stat_fn=failing(errno.ENOENT)).seen is (
+        Seen.ABSENT
+    )
+    # A name no directory can carry is absent; one that cannot be examined proves nothing.
+    assert treehealth.look(Path("x"), follow=False, stat_fn=failing(errno.ENAMETOOLONG)).seen is (
+        Seen.ABSENT
+    )
+    assert treehealth.look(Path("x"), follow=False, stat_fn=failing(errno.EACCES)).seen is (
+        Seen.UNKNOWN
+    )
+    assert treehealth.look(Path("x"), follow=False, stat_fn=failing(errno.EIO)).seen is (
+        Seen.UNKNOWN
+    )
 
 
 class FakeStat:
