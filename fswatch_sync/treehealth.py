@@ -20,9 +20,14 @@ The rules (pure, see :func:`judge_root` and :func:`judge_model`):
   directory that is not there at all (under a trusted root) is a real removal of the model.
 * A model directory that could not be listed proves nothing, forced or not.
 
-"What was seen before" comes from the watcher's own watches (the reactor) or from identities the
-sweep records in ``fswatch_sync_tree`` (one row per directory, per host and root, so hosts that
-see one network share under different device numbers never compare each other's).
+"What was seen before" comes from the running service (the root as its monitor last saw it holding
+apps, each model directory as its watch was made) or from identities the sweep records in
+``fswatch_sync_tree`` (one row per directory, per host and root, so hosts that see one network
+share under different device numbers never compare each other's).
+
+A removal the kernel itself reported (``watcher.AppGone.reported``: a directory unlinked from, or
+moved out of, its watched model directory on the root's device) needs none of this: no unmount
+can produce one, so the reactor applies it even when the root is gone by the time it gets to it.
 """
 
 from __future__ import annotations
