@@ -182,8 +182,9 @@ def test_orphan_keys_compare_the_tree_with_the_keys() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "refused"),
     [
-        ({"root_ok": False, "force": True}, "missing"),
-        ({"dirs": 0}, "no app directory"),
+        ({"root_problem": "root-missing", "force": True}, "missing"),
+        # An empty root (treehealth's verdict) is not passed by --force.
+        ({"root_problem": "root-empty", "force": True}, "no app directory"),
         ({"orphans": 60}, "more than the allowed"),
         ({"orphans": 60, "force": True}, None),
         ({"orphans": 50}, None),
@@ -191,7 +192,7 @@ def test_orphan_keys_compare_the_tree_with_the_keys() -> None:
 )
 def test_the_guard(kwargs: dict[str, object], refused: str | None) -> None:
     values: dict[str, object] = {
-        "root_ok": True, "dirs": 10, "rows": 100, "orphans": 0, "max_fraction": 0.5, "force": False,
+        "root_problem": None, "rows": 100, "orphans": 0, "max_fraction": 0.5, "force": False,
     }
     values.update(kwargs)
     reason = guard(**values)  # type: ignore[arg-type]
