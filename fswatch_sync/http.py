@@ -71,6 +71,11 @@ class ServiceCollector:
             value=stats.get("apps_marked_missing", 0),
         )
         yield GaugeMetricFamily(
+            "fswatch_sync_waiting_rows",
+            "App rows whose directories cannot be seen, kept until the tree proves absence.",
+            value=stats.get("waiting_rows", 0),
+        )
+        yield GaugeMetricFamily(
             "fswatch_sync_watches", "Directories watched.", value=stats["watches"]
         )
         yield GaugeMetricFamily(

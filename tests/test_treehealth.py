@@ -675,6 +675,13 @@ def test_healthz_shows_the_waiting_rows(
         wait_until(lambda: get("/healthz")["waiting_rows"] == 2, what="/healthz waiting rows")
         assert get("/healthz")["watch_state"] == "root-missing"
         assert get("/status")["stats"]["waiting_rows"] == 2
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        try:
+            connection.request("GET", "/metrics")
+            metrics = connection.getresponse().read().decode()
+        finally:
+            connection.close()
+        assert "fswatch_sync_waiting_rows 2.0" in metrics.splitlines()
     finally:
         server.shutdown()
         service.stop()
