@@ -203,16 +203,12 @@ def tmpfs_over(path: Path) -> Iterator[Path]:
 
 
 def seed_tree(engine: Engine, root: Path, keys: Iterable[AppKey]) -> None:
-    """Old app rows (an hour), each with its directory, a pending and a running task."""
-    seed_rows(engine, keys, root=root)
-
-
-def seed_rows(engine: Engine, keys: Iterable[AppKey], *, root: Path | None = None) -> None:
+    """App rows past the new-app grace, each with its directory, a pending and a running task
+    (younger than the stuck timeouts) - in one transaction per table."""
     chosen = list(keys)
     now = db.utcnow()
-    if root is not None:
-        for key in chosen:
-            (root / key.model_slug / f"app{key.app_number}").mkdir(parents=True, exist_ok=True)
+    for key in chosen:
+        (root / key.model_slug / f"app{key.app_number}").mkdir(parents=True, exist_ok=True)
     with engine.begin() as connection:
         connection.execute(sa.insert(APPS), [
             {"model_slug": k.model_slug, "app_number": k.app_number,
