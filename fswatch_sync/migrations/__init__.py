@@ -113,14 +113,23 @@ _RELEASED_TABLES = (
 # A marker must be something ``create_all`` on an older layout does not add: it never alters an
 # existing table, so a new index or column on an existing table is the safe sign; a new table
 # alone is not (a newer version's start-up may have created it beside an old journal).
+def _has_0003_layout(inspector: Inspector) -> bool:
+    # 0002's index by app is gone (0003 has a partial one, and none on MariaDB).
+    journal = _index_names(inspector, "fswatch_sync_journal")
+    return (
+        "ix_fswatch_sync_journal_batch" in journal
+        and "ix_fswatch_sync_journal_app" not in journal
+    )
+
+
 LAYOUT_MARKERS: tuple[tuple[str, Callable[[Inspector], bool]], ...] = (
     (
-        # 0002's index by app is gone (0003 has a partial one, and none on MariaDB).
-        "0003",
-        lambda inspector: {"ix_fswatch_sync_journal_batch"}
-        <= _index_names(inspector, "fswatch_sync_journal")
-        and "ix_fswatch_sync_journal_app" not in _index_names(inspector, "fswatch_sync_journal"),
+        # 0004 only adds a table, which a start-up may have made beside an older journal: it
+        # counts only on top of 0003's layout (0004 creates the table when it is absent).
+        "0004",
+        lambda inspector: inspector.has_table("fswatch_sync_tree") and _has_0003_layout(inspector),
     ),
+    ("0003", _has_0003_layout),
     (
         "0002",
         lambda inspector: "ix_fswatch_sync_journal_batch"
