@@ -132,59 +132,48 @@ def reflect_host_tables(engine: Engine, config: SchemaConfig) -> HostTables:
                         referred,
                         config.task_dependents_policy,
                     )
-    dependents = []
-    for (table_name, column_names), (referred, policy) in found.items():
-        table = _table(engine, metadata, table_name, apps, tasks)
-        described = (
-            f"{table_name}.{'+'.join(column_names)} -> {apps.name}.{'+'.join(referred)}"
-        )
-        if not all(c in table.c for c in column_names) or not all(r in apps.c for r in referred):
-            raise SettingsError(
-                "schema.dependents", f"{described} names a column that does not exist"
+    def resolve(
+        setting: str,
+        target: Table,
+        pointers: dict[tuple[str, tuple[str, ...]], tuple[tuple[str, ...], str]],
+    ) -> tuple[ResolvedDependent, ...]:
+        """Each table pointing at ``target`` with its columns, the ones they point at, and its
+        policy; a policy that cannot work is refused here, before any change."""
+        resolved = []
+        for (table_name, column_names), (referred, policy) in pointers.items():
+            table = _table(engine, metadata, table_name, apps, tasks)
+            described = (
+                f"{table_name}.{'+'.join(column_names)} -> {target.name}.{'+'.join(referred)}"
             )
-        pointing = tuple(table.c[c] for c in column_names)
-        if policy == "nullify" and not all(c.nullable for c in pointing):
-            raise SettingsError(
-                "schema.dependents",
-                f"{described}: a NOT NULL column cannot be nullified (use delete or restrict)",
+            if not all(c in table.c for c in column_names) or not all(
+                r in target.c for r in referred
+            ):
+                raise SettingsError(setting, f"{described} names a column that does not exist")
+            pointing = tuple(table.c[c] for c in column_names)
+            if policy == "nullify" and not all(c.nullable for c in pointing):
+                raise SettingsError(
+                    setting,
+                    f"{described}: a NOT NULL column cannot be nullified (use delete or restrict)",
+                )
+            resolved.append(
+                ResolvedDependent(
+                    table=table,
+                    columns=pointing,
+                    references=tuple(target.c[r] for r in referred),
+                    policy=policy,
+                )
             )
-        dependents.append(
-            ResolvedDependent(
-                table=table,
-                columns=pointing,
-                references=tuple(apps.c[r] for r in referred),
-                policy=policy,
-            )
-        )
-        log.debug("dependent %s: policy %s", described, policy)
-    task_dependents = []
-    for (table_name, column_names), (referred, policy) in task_found.items():
-        table = _table(engine, metadata, table_name, apps, tasks)
-        described = f"{table_name}.{'+'.join(column_names)} -> {tasks.name}.{'+'.join(referred)}"
-        if not all(c in table.c for c in column_names) or not all(r in tasks.c for r in referred):
-            raise SettingsError(
-                "schema.task_dependents", f"{described} names a column that does not exist"
-            )
-        pointing = tuple(table.c[c] for c in column_names)
-        if policy == "nullify" and not all(c.nullable for c in pointing):
-            raise SettingsError(
-                "schema.task_dependents",
-                f"{described}: a NOT NULL column cannot be nullified (use delete or restrict)",
-            )
-        task_dependents.append(
-            ResolvedDependent(
-                table=table,
-                columns=pointing,
-                references=tuple(tasks.c[r] for r in referred),
-                policy=policy,
-            )
-        )
+            log.debug("dependent %s: policy %s", described, policy)
+        return tuple(resolved)
+
+    dependents = resolve("schema.dependents", apps, found)
+    task_dependents = resolve("schema.task_dependents", tasks, task_found)
     host = HostTables(
         apps=apps,
         tasks=tasks,
-        dependents=tuple(dependents),
+        dependents=dependents,
         config=config,
-        task_dependents=tuple(task_dependents),
+        task_dependents=task_dependents,
         parent_target=parent_target,
     )
     validate(host)

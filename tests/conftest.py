@@ -170,3 +170,17 @@ def probe(url: str) -> Iterator[Engine]:
     """An engine of the test's own on ``url``, to seed and observe (never the tool's)."""
     with probe_engine(url) as engine:
         yield engine
+
+
+@pytest.fixture
+def real_host(database_url: str, apps_root: Path) -> Iterator[tuple[Engine, datetime]]:
+    """tests/realhost.py's schema and scenario, seeded now through an engine of the test's own:
+    (that engine, the moment the scenario was seeded at)."""
+    import realhost
+
+    engine = db.create_engine(database_url)
+    realhost.create(engine)
+    now = db.utcnow()
+    realhost.seed(engine, apps_root, now)
+    yield engine, now
+    engine.dispose()

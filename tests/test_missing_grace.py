@@ -89,12 +89,10 @@ def test_sweep_marks_then_removes_after_the_grace_and_a_return_clears_the_mark(
 
 
 def test_marks_in_the_hosts_missing_since_column(
+    real_host: tuple[Engine, datetime],
     database_url: str, apps_root: Path, tmp_path: Path
 ) -> None:
-    seeding = db.create_engine(database_url)
-    realhost.create(seeding)
-    now = db.utcnow()
-    realhost.seed(seeding, apps_root, now)
+    seeding, now = real_host
     config = tmp_path / "host.toml"
     config.write_text(
         realhost.SCHEMA_TOML.replace(
@@ -140,7 +138,6 @@ def test_marks_in_the_hosts_missing_since_column(
         assert marked() == {("m1", 3): 2}
     finally:
         store.engine.dispose()
-        seeding.dispose()
 
 
 def test_the_reactor_marks_instead_of_removing(database_url: str, apps_root: Path) -> None:

@@ -19,6 +19,7 @@ import pytest
 import realhost
 import sqlalchemy as sa
 from helpers import running_service, wait_until
+from sqlalchemy.engine import Engine
 
 from fswatch_sync import db, journal
 from fswatch_sync.errors import SettingsError
@@ -65,12 +66,13 @@ def session_zone(engine: sa.Engine) -> str:
 
 @pytest.mark.parametrize("zone", ZONES)
 def test_a_real_host_is_right_in_one_sweep_in_any_session_zone(
-    zone: str, database_url: str, apps_root: Path, tmp_path: Path
+    zone: str,
+    real_host: tuple[Engine, datetime],
+    database_url: str,
+    apps_root: Path,
+    tmp_path: Path,
 ) -> None:
-    seeding = db.create_engine(database_url)
-    realhost.create(seeding)
-    now = db.utcnow()
-    realhost.seed(seeding, apps_root, now)
+    seeding, now = real_host
     before = realhost.snapshot(seeding)
 
     # A client-side zone that a plain connection would keep: the tool's sessions speak UTC.
@@ -121,16 +123,12 @@ def test_a_real_host_is_right_in_one_sweep_in_any_session_zone(
         assert realhost.snapshot(seeding) == before
     finally:
         store.engine.dispose()
-        seeding.dispose()
 
 
 def test_the_reactor_rule_removes_every_version_of_a_key(
-    database_url: str, apps_root: Path, tmp_path: Path
+    real_host: tuple[Engine, datetime], database_url: str, apps_root: Path, tmp_path: Path
 ) -> None:
-    seeding = db.create_engine(database_url)
-    realhost.create(seeding)
-    now = db.utcnow()
-    realhost.seed(seeding, apps_root, now)
+    seeding, now = real_host
     settings = settings_for(tmp_path, apps_root, database_url)
     store = Store.from_settings(settings)
     store.ensure_tool_tables()
@@ -157,7 +155,6 @@ def test_the_reactor_rule_removes_every_version_of_a_key(
         assert sorted(versions) == [1, 2, 3]
     finally:
         store.engine.dispose()
-        seeding.dispose()
 
 
 BROKEN_PARENT = realhost.SCHEMA_TOML.replace(
@@ -179,12 +176,14 @@ BROKEN_PARENT = realhost.SCHEMA_TOML.replace(
     ],
 )
 def test_a_mapping_that_cannot_work_is_refused_before_any_change(
-    toml: str, setting: str, database_url: str, apps_root: Path, tmp_path: Path
+    toml: str,
+    setting: str,
+    real_host: tuple[Engine, datetime],
+    database_url: str,
+    apps_root: Path,
+    tmp_path: Path,
 ) -> None:
-    seeding = db.create_engine(database_url)
-    realhost.create(seeding)
-    now = db.utcnow()
-    realhost.seed(seeding, apps_root, now)
+    seeding, now = real_host
     before = realhost.snapshot(seeding)
     config = tmp_path / "broken.toml"
     config.write_text(toml)
@@ -204,16 +203,12 @@ def test_a_mapping_that_cannot_work_is_refused_before_any_change(
         assert realhost.snapshot(seeding) == before
     finally:
         store.engine.dispose()
-        seeding.dispose()
 
 
 def test_run_with_a_mapping_that_cannot_work_exits_2_before_any_change(
-    database_url: str, apps_root: Path, tmp_path: Path
+    real_host: tuple[Engine, datetime], database_url: str, apps_root: Path, tmp_path: Path
 ) -> None:
-    seeding = db.create_engine(database_url)
-    realhost.create(seeding)
-    now = db.utcnow()
-    realhost.seed(seeding, apps_root, now)
+    seeding, _now = real_host
     before = realhost.snapshot(seeding)
     config = tmp_path / "broken.toml"
     config.write_text(BROKEN_PARENT)
@@ -223,26 +218,21 @@ def test_run_with_a_mapping_that_cannot_work_exits_2_before_any_change(
         "FSWATCH_SYNC_ROOT": str(apps_root),
         "FSWATCH_SYNC_DATABASE_URL": database_url,
     }
-    try:
-        done = subprocess.run(
-            [sys.executable, "-m", "fswatch_sync", "run"],
-            env=env, capture_output=True, text=True, timeout=60, check=False,
-        )
-        assert done.returncode == 2, done.stderr
-        errors = [line for line in done.stderr.splitlines() if "error" in line]
-        assert len(errors) == 1 and "schema.tasks_columns.parent_id" in errors[0]
-        assert "Traceback" not in done.stderr
-        assert realhost.snapshot(seeding) == before
-    finally:
-        seeding.dispose()
+    done = subprocess.run(
+        [sys.executable, "-m", "fswatch_sync", "run"],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "schema.tasks_columns.parent_id" in errors[0]
+    assert "Traceback" not in done.stderr
+    assert realhost.snapshot(seeding) == before
 
 
 def test_rm_rf_of_a_multi_version_app_removes_every_row_through_the_reactor(
-    database_url: str, apps_root: Path, tmp_path: Path
+    real_host: tuple[Engine, datetime], database_url: str, apps_root: Path, tmp_path: Path
 ) -> None:
-    seeding = db.create_engine(database_url)
-    realhost.create(seeding)
-    realhost.seed(seeding, apps_root, db.utcnow())
+    seeding, _now = real_host
     gone_dir = apps_root / realhost.GONE.model_slug / f"app{realhost.GONE.app_number}"
     gone_dir.mkdir()
     (gone_dir / "node_modules" / "x").mkdir(parents=True)
@@ -254,22 +244,19 @@ def test_rm_rf_of_a_multi_version_app_removes_every_row_through_the_reactor(
             if (m, n) == (realhost.GONE.model_slug, realhost.GONE.app_number)
         )
 
-    try:
-        assert versions() == 3
-        with running_service(settings):
-            shutil.rmtree(gone_dir)
-            wait_until(lambda: versions() == 0, what="every version of the key removed")
-            tasks = realhost.outcome(seeding).tasks
-            assert tasks["gone-pending"] == ("cancelled", "gone")
-            assert tasks["gone-running"] == ("cancelled", "gone")
-            assert tasks["gone-done"] == ("completed", None)
-        with seeding.connect() as connection:
-            batches = connection.execute(
-                sa.select(journal_table.c.batch_id)
-                .where(journal_table.c.model_slug == realhost.GONE.model_slug,
-                       journal_table.c.app_number == realhost.GONE.app_number)
-                .distinct()
-            ).scalars().all()
-        assert len(batches) == 1, "the key's rows and tasks changed in one transaction"
-    finally:
-        seeding.dispose()
+    assert versions() == 3
+    with running_service(settings):
+        shutil.rmtree(gone_dir)
+        wait_until(lambda: versions() == 0, what="every version of the key removed")
+        tasks = realhost.outcome(seeding).tasks
+        assert tasks["gone-pending"] == ("cancelled", "gone")
+        assert tasks["gone-running"] == ("cancelled", "gone")
+        assert tasks["gone-done"] == ("completed", None)
+    with seeding.connect() as connection:
+        batches = connection.execute(
+            sa.select(journal_table.c.batch_id)
+            .where(journal_table.c.model_slug == realhost.GONE.model_slug,
+                   journal_table.c.app_number == realhost.GONE.app_number)
+            .distinct()
+        ).scalars().all()
+    assert len(batches) == 1, "the key's rows and tasks changed in one transaction"
