@@ -125,13 +125,16 @@ def restore(store: Store, selection: Selection, *, dry_run: bool = False) -> Res
             # App keys whose rows this restore is putting back: a key's later rows (versions)
             # are not "a new row" of the same key.
             restoring: set[tuple[Any, Any]] = set()
+            # App rows put back under a new id (SQLite had given the old one to another row):
+            # old id -> new id, for the rows restored with them that point at it.
+            moved: dict[Any, Any] = {}
             for entry in ordered:
                 table = tables.get(entry.table_name)
                 if table is None:
                     raise RestoreConflict(
                         f"journal entry {entry.id}: table {entry.table_name!r} is not mapped"
                     )
-                _undo(connection, store, table, entry, restoring)
+                _undo(connection, store, table, entry, restoring, moved)
                 counts[entry.action] = counts.get(entry.action, 0) + 1
             if dry_run:
                 trans.rollback()
@@ -152,14 +155,34 @@ def _undo(
     table: Table,
     entry: Any,
     restoring: set[tuple[Any, Any]],
+    moved: dict[Any, Any],
 ) -> None:
-    image = images.decode(table, entry.before_image)
+    image = _repoint(store, table, images.decode(table, entry.before_image), moved)
     where_pk = _pk_clause(table, image)
     # Locked as the store's own reads are: what is checked below cannot change before the write.
     current = connection.execute(
         store.locked(sa.select(table).where(where_pk), connection)
     ).first()
     host = store.host
+    if entry.action == "app_removed" and current is not None and not _same_app(
+        host, current, image
+    ):
+        # The id was given to another app since (SQLite reuses the largest deleted id): the
+        # row goes back under a new id, and what is restored with it follows it there.
+        pk = next(iter(table.primary_key.columns))
+        values = {name: value for name, value in image.items() if name != pk.name}
+        inserted = _execute(connection, sa.insert(table).values(values), entry, table)
+        new_key = inserted.inserted_primary_key
+        if new_key is None:
+            raise RestoreConflict(
+                f"journal entry {entry.id}: id {image[pk.name]!r} of {table.name} belongs to"
+                " another app now and the database gave no new one"
+            )
+        moved[image[pk.name]] = new_key[0]
+        restoring.add(
+            (image[host.app_col("model_slug").name], image[host.app_col("app_number").name])
+        )
+        return
     if entry.action in _INSERTED:
         if current is not None:
             raise RestoreConflict(
@@ -284,10 +307,34 @@ def _require_apps(
             )
 
 
-def _execute(connection: Connection, statement: Any, entry: Any, table: Table) -> None:
+def _same_app(host: Any, current: Any, image: dict[str, Any]) -> bool:
+    slug, number = host.app_col("model_slug"), host.app_col("app_number")
+    return bool(
+        current._mapping[slug] == image[slug.name]
+        and current._mapping[number] == image[number.name]
+    )
+
+
+def _repoint(
+    store: Store, table: Table, image: dict[str, Any], moved: dict[Any, Any]
+) -> dict[str, Any]:
+    """A dependent row's pointer to an app row that this restore put back under a new id."""
+    if not moved:
+        return image
+    for dependent in store.host.dependents:
+        if dependent.table.name != table.name or len(dependent.columns) != 1:
+            continue
+        if dependent.references[0].primary_key:
+            name = dependent.columns[0].name
+            if image.get(name) in moved:
+                image = {**image, name: moved[image[name]]}
+    return image
+
+
+def _execute(connection: Connection, statement: Any, entry: Any, table: Table) -> Any:
     """Run a restoring write; a constraint it would break now is a conflict, not a crash."""
     try:
-        connection.execute(statement)
+        return connection.execute(statement)
     except IntegrityError as exc:
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig else "constraint"
         raise RestoreConflict(

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from helpers import APPS, add_app_row, add_task, init_database, sqlite_url, task_row
 from hostlike import (
     ABORTED,
     NULLIFIED_AND_DELETED,
@@ -439,3 +440,42 @@ def test_sweep_prunes_the_journal_after_its_passes(
     # The sweeps' own changes (the stuck tasks of m/app1 and m/app2) are recent: kept.
     assert left and all(db.from_db_time(e.at) == now for e in left)
     assert sweep().journal_pruned == 0
+
+
+def test_restore_puts_an_app_back_under_a_new_id_when_sqlite_gave_its_id_away(
+    tmp_path: Path, now: datetime
+) -> None:
+    """SQLite gives the largest deleted id to the next row: an unrelated app may hold the
+    removed app's id by the time it is restored. The app goes back under a new id, the other
+    keeps its own, and the removed app's tasks come back with it."""
+    url = sqlite_url(tmp_path)
+    init_database(url)
+    engine = db.create_engine(url)
+    store = Store(engine)
+    try:
+        gone, newcomer = AppKey("m", 3), AppKey("other", 9)
+        for number in (1, 2, 3):
+            add_app_row(engine, AppKey("m", number), now - timedelta(days=1))
+        add_task(engine, "m-3-p", gone, "pending", created_at=now)
+        removed = store.remove_apps([gone], source="test", now=now)
+        assert removed.removed == [gone]
+        add_app_row(engine, newcomer, now)
+        with engine.connect() as connection:
+            ids = dict(connection.execute(
+                sa.select(APPS.c.model_slug, APPS.c.id).where(APPS.c.app_number.in_([3, 9]))
+            ).all())
+        assert ids == {"other": 3}, "SQLite reused the removed app's id"
+        with engine.connect() as connection:
+            batch = connection.execute(
+                sa.select(journal_table.c.batch_id).where(journal_table.c.action == "app_removed")
+            ).scalar_one()
+        result = journal.restore(store, journal.Selection(batch_id=batch))
+        assert result.by_action == {"app_removed": 1, "task_cancelled": 1}
+        with engine.connect() as connection:
+            rows = dict(connection.execute(
+                sa.select(APPS.c.model_slug, APPS.c.id).where(APPS.c.app_number.in_([3, 9]))
+            ).all())
+        assert rows["other"] == 3 and rows["m"] not in (3, None)
+        assert task_row(engine, "m-3-p")["status"] == "pending"
+    finally:
+        engine.dispose()
