@@ -130,6 +130,7 @@ def test_our_overflow_is_reported_whatever_the_watchdog_loggers_level(
     try:
         overflow(watcher._observer, model)  # type: ignore[arg-type]
         wait_until(lambda: counter.count >= 1, what="our own overflow")
+        assert counter.count >= 1
     finally:
         quiet.setLevel(level)
         quiet.propagate = propagate

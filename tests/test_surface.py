@@ -116,7 +116,8 @@ def test_a_missing_driver_names_the_extra_to_install(
     env = environ(PYTHONPATH=str(scratch / "shadow"), FSWATCH_SYNC_DATABASE_URL=url)
     for command in (["status"], ["sweep", "--dry-run"], ["init-db"]):
         result = run_cli(command, scratch, env=env)
-        one_line_error(result, 2, "FSWATCH_SYNC_DATABASE_URL", f"fswatch_sync[{extra}]")
+        line = one_line_error(result, 2, "FSWATCH_SYNC_DATABASE_URL", f"fswatch_sync[{extra}]")
+        assert result.returncode == 2 and f"fswatch_sync[{extra}]" in line
 
 
 def test_an_unknown_mysql_query_option_is_one_line(scratch: Path) -> None:
@@ -340,7 +341,9 @@ def test_usage_errors_exit_2_in_one_line(
     scratch: Path, sqlite_db: str, args: list[str], needle: str
 ) -> None:
     env = environ(FSWATCH_SYNC_DATABASE_URL=sqlite_db)
-    one_line_error(run_cli(args, scratch, env=env), 2, needle)
+    result = run_cli(args, scratch, env=env)
+    line = one_line_error(result, 2, needle)
+    assert result.returncode == 2 and needle in line
 
 
 @pytest.fixture
@@ -552,5 +555,7 @@ def test_cancel_message_is_bounded(template: str) -> None:
 def test_cancel_message_bound_through_the_command(scratch: Path) -> None:
     config = scratch / "fs.toml"
     config.write_text('[schema]\ncancel_message = "{app_number:>20000000}"\n')
-    one_line_error(run_cli(["init-db", "--config", str(config)], scratch), 2,
-                   "schema.cancel_message", "format spec")
+    result = run_cli(["init-db", "--config", str(config)], scratch)
+    line = one_line_error(result, 2, "schema.cancel_message", "format spec")
+    assert result.returncode == 2 and "{app_number" in line
+    assert not (scratch / "fswatch_sync.db").exists(), "refused before any database was made"

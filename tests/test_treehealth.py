@@ -598,10 +598,13 @@ def test_rm_rf_of_the_root_removes_every_app_the_kernel_reported(
             connection.execute(sa.delete(TASKS))
             connection.execute(sa.delete(APPS))
         seed_tree(engine, root, ROOT_KEYS)
-        _rm_rf_the_root(engine, make_settings(root, database_url, heartbeat_seconds=0.2))
+        left = _rm_rf_the_root(engine, make_settings(root, database_url, heartbeat_seconds=0.2))
+        assert left == set(), f"trial {trial}: {len(left)} of {len(ROOT_KEYS)} rows left"
+        assert active_task_keys(engine) == set()
 
 
-def _rm_rf_the_root(engine: Engine, settings: Settings) -> None:
+def _rm_rf_the_root(engine: Engine, settings: Settings) -> set[AppKey]:
+    """rm -rf of the root under a running service; the app rows left once it settled."""
     with running_service(settings) as service:
         wait_until(lambda: service.watcher.watch_count == 6, what="every watch")
         shutil.rmtree(settings.root)
@@ -619,6 +622,7 @@ def _rm_rf_the_root(engine: Engine, settings: Settings) -> None:
         wait_until(lambda: service.reactor.pending() == 0, what="the queue drained")
         held = service.reactor.waiting()
         assert (held["apps"], held["models"]) == (0, 0), held  # every hint was a kernel report
+    return app_keys(engine)
 
 
 def test_rows_waiting_for_a_root_that_went_are_shown(
