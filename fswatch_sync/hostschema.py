@@ -73,9 +73,6 @@ class HostTables:
         column: Column[Any] = self.tasks.c[self.parent_target or self.config.tasks.id]
         return column
 
-    def optional_col(self, table: Table, name: str) -> Column[Any] | None:
-        return table.c[name] if name else None
-
 
 def _reflect(engine: Engine, metadata: MetaData, name: str) -> Table:
     if name in metadata.tables:  # already reflected (directly or through a foreign key)

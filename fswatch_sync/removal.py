@@ -23,7 +23,7 @@ from fswatch_sync.changes import follow_policy, set_status
 from fswatch_sync.images import JournalWriter
 from fswatch_sync.layout import AppKey
 from fswatch_sync.marks import Marks
-from fswatch_sync.rules import app_keys, task_keys, young_key
+from fswatch_sync.rules import app_keys, task_keys
 from fswatch_sync.store import BatchSizer, RemovalOutcome, Store, TaskChange
 from fswatch_sync.text import first_line
 
@@ -131,9 +131,7 @@ def _remove_batch(
     id_col = host.app_col("id")
     slug_col, number_col = host.app_col("model_slug"), host.app_col("app_number")
     with store._write() as connection:
-        where = app_keys(host, keys)
-        if young_after is not None:
-            where = sa.and_(where, ~young_key(host, young_after))
+        where = rules.app_rule(host, keys, young_after)
         rows = connection.execute(
             store.locked(sa.select(id_col, slug_col, number_col).where(where), connection)
         ).all()

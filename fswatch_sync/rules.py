@@ -3,8 +3,9 @@
 A rule is a value: a SQL predicate over the host's rows built from ``now`` and the settings, an
 effect (delete the rows, or set a status with ``completed_at`` and a message), the journal action
 it records and the signal it sends. The sweep is a loop over :func:`task_rules`; a dry run
-applies the very same rules in a transaction it rolls back; the reactor applies the app rule
-(:func:`app_rule`) to the keys it was told about. Nothing here runs a statement.
+applies the very same rules in a transaction it rolls back; the sweep and the reactor apply the
+app rule (:func:`app_rule`, through removal.py) to the keys they found or were told about.
+Nothing here runs a statement.
 
 An app key ``(model_slug, app_number)`` may own several rows (versions of one app share its
 directory): every app predicate is about keys, and the new-app grace protects a whole key while
@@ -116,10 +117,6 @@ def young_row(host: HostTables, young_after: datetime) -> ColumnElement[bool]:
 
 def active(host: HostTables) -> ColumnElement[bool]:
     return host.task_col("status").in_(host.config.statuses.active)
-
-
-def terminal(host: HostTables) -> ColumnElement[bool]:
-    return host.task_col("status").in_(host.config.statuses.terminal)
 
 
 def has_app_row(host: HostTables) -> ColumnElement[bool]:
@@ -317,40 +314,13 @@ def task_rules(host: HostTables, settings: Settings, now: datetime) -> list[Task
     return rules
 
 
-@dataclass(frozen=True)
-class AppRule:
-    """Remove the rows of app keys whose directory is gone, with their active tasks.
-
-    ``young_after``: the sweep's grace (None for the reactor, which acts on removals the
-    operating system reported). ``missing_grace``: with the missing-since grace on, a key is
-    first marked (its tasks cancelled) and its rows go once the mark is older than this.
-    """
-
-    source: str
-    young_after: datetime | None
-    missing_grace: timedelta | None
-    cancel_message: ColumnElement[Any]
-    cancelled_status: str
-
-    def where(self, host: HostTables, keys: Iterable[AppKey]) -> ColumnElement[bool]:
-        condition = app_keys(host, keys)
-        if self.young_after is not None:
-            condition = sa.and_(condition, ~young_key(host, self.young_after))
-        return condition
-
-
 def app_rule(
-    host: HostTables, settings: Settings | None, *, source: str, now: datetime, grace: bool
-) -> AppRule:
-    """The app rule for the sweep (``grace``: the new-app grace applies) or the reactor."""
-    young_after = None
-    if grace and settings is not None:
-        young_after = now - timedelta(minutes=settings.app_grace_minutes)
-    missing = settings.missing_grace_minutes if settings is not None else 0.0
-    return AppRule(
-        source=source,
-        young_after=young_after,
-        missing_grace=timedelta(minutes=missing) if missing > 0 else None,
-        cancel_message=key_message(host.config.cancel_message, host),
-        cancelled_status=host.config.statuses.cancelled,
-    )
+    host: HostTables, keys: Iterable[AppKey], young_after: datetime | None
+) -> ColumnElement[bool]:
+    """The app rule's predicate: rows of ``keys``, except keys with a row created after
+    ``young_after`` (the sweep's grace; None for the reactor, which acts on removals the
+    operating system reported). removal.py applies it, with the key's tasks and dependents."""
+    condition = app_keys(host, keys)
+    if young_after is not None:
+        condition = sa.and_(condition, ~young_key(host, young_after))
+    return condition

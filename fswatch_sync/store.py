@@ -226,10 +226,6 @@ class Store:
             finally:
                 transaction.rollback()
 
-    @property
-    def rehearsing(self) -> bool:
-        return self._rehearsal is not None
-
     @contextmanager
     def _write(self) -> Iterator[Connection]:
         if self._rehearsal is not None:
@@ -355,12 +351,6 @@ class Store:
 
     def _journal_before(self, cutoff: datetime) -> ColumnElement[bool]:
         return journal_table.c.at < db.to_db_time(cutoff)
-
-    def count_journal_before(self, cutoff: datetime) -> int:
-        """How many journal entries :meth:`purge_journal` would delete now."""
-        query = sa.select(sa.func.count()).where(self._journal_before(cutoff))
-        with self._reading() as connection:
-            return int(connection.execute(query).scalar_one())
 
     def purge_journal(self, cutoff: datetime) -> int:
         """Delete journal entries recorded before ``cutoff``, oldest first, a batch per
