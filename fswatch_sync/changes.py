@@ -114,11 +114,7 @@ def _task_batch(
     if not found:
         return None, 0, []
     with store._write() as connection:
-        locked = store.locked(sa.select(pk).where(db.one_of(pk, found), rule.where), connection)
-        pks = list(connection.execute(locked).scalars())
-        if not pks:
-            return found[-1], 0, []
-        chosen = db.one_of(pk, pks)
+        chosen = store.pinned(pk, sa.and_(db.one_of(pk, found), rule.where), connection)
         new_status = rule.effect.status if isinstance(rule.effect, SetStatus) else None
         changes = _task_changes(host, connection, chosen, new_status) if collect else []
         journal = JournalWriter(connection, source=source, now=now)
@@ -137,11 +133,11 @@ def _task_batch(
             result = connection.execute(sa.delete(host.tasks).where(chosen))
         else:
             result = set_status(host, connection, chosen, rule.effect, now)
-        if result.rowcount != len(pks) or journalled != len(pks):
+        if result.rowcount != journalled:
             raise db.StaleRead(
-                f"{len(pks) - result.rowcount} task(s) changed under the tool's lock"
+                f"{journalled - result.rowcount} task(s) changed under the tool's lock"
             )
-    return found[-1], len(pks), changes
+    return found[-1], journalled, changes
 
 
 def _task_changes(

@@ -66,7 +66,9 @@ def create_engine(
     """
     parsed = sa.make_url(url)
     backend = parsed.get_backend_name()
-    options: dict[str, Any] = {"pool_pre_ping": True}
+    # A server's connection may have been dropped while it sat in the pool; a SQLite file's
+    # cannot, so it is not pinged before every transaction.
+    options: dict[str, Any] = {"pool_pre_ping": backend != "sqlite"}
     if backend == "mysql" or backend == "mariadb":
         # READ COMMITTED avoids InnoDB's gap locks, the usual source of deadlocks between the
         # sweep and a task runner; rows the tool changes are locked explicitly.

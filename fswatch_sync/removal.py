@@ -255,9 +255,8 @@ def _cancel_tasks(
         outcome.cancelled += changes
         chosen: sa.ColumnElement[bool] = db.one_of(pk, [change.pk for change in changes])
     else:
-        # Found once by the (target, status) index, then journalled and changed by key.
-        locked = connection.execute(store.locked(sa.select(pk).where(matching), connection))
-        chosen = db.one_of(pk, locked.scalars())
+        # Found by the (target, status) index, then journalled and changed (by key on servers).
+        chosen = store.pinned(pk, matching, connection)
     count = journal.record(
         "task_cancelled",
         host.tasks,

@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy import ColumnElement, Select
 from sqlalchemy.engine import Connection, Engine
 
-from fswatch_sync import db
+from fswatch_sync import db, wal
 from fswatch_sync.hostschema import HostTables, reflect_host_tables
 from fswatch_sync.layout import AppKey
 from fswatch_sync.marks import Marks
@@ -113,6 +113,22 @@ def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
         yield items[start : start + size]
 
 
+class _BulkPass:
+    """The commits of a bulk pass since its last checkpoint."""
+
+    def __init__(self) -> None:
+        self.commits = 0
+
+    def after(self, connection: Connection, *, committed: bool) -> None:
+        if committed:
+            self.commits += 1
+        due = self.commits >= wal.BULK_COMMITS
+        if due:
+            self.commits = 0
+        if committed or not connection.invalidated:
+            wal.after_commit(connection, checkpoint=due)
+
+
 class BatchSizer:
     """A batch size that follows the time budget: rows per transaction grow while batches end
     well inside ``budget`` seconds and shrink when one overruns it."""
@@ -153,6 +169,8 @@ class Store:
         self.commit_check: CommitCheck | None = None
         # Set while rehearsing (a dry run): every batch runs on this connection, rolled back.
         self._rehearsal: Connection | None = None
+        # Set on a sweep's store: its commits since the last checkpoint (see fswatch_sync.wal).
+        self._bulk: _BulkPass | None = None
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -196,6 +214,23 @@ class Store:
         clone.commit_check = check
         return clone
 
+    def bulk(self) -> Store:
+        """The same store for a bulk pass (a sweep): on SQLite its commits leave the
+        write-ahead log to grow, and it is checkpointed every few commits and at the end of
+        each pass (:meth:`end_pass`), outside any write transaction."""
+        clone = copy.copy(self)
+        clone._bulk = _BulkPass()
+        return clone
+
+    def end_pass(self) -> None:
+        """A bulk pass's phase is over: checkpoint what its commits left in the log."""
+        if self._bulk is None or self._bulk.commits == 0 or self._rehearsal is not None:
+            return
+        self._bulk.commits = 0
+        with self.engine.connect() as connection:
+            if wal.applies(connection):
+                wal.checkpoint(connection)
+
     @property
     def host(self) -> HostTables:
         """The host's tables, reflected and validated (SettingsError when the mapping cannot
@@ -234,10 +269,26 @@ class Store:
             with self._rehearsal.begin_nested():
                 yield self._rehearsal
             return
-        with self.engine.begin() as connection:
-            yield connection
-            if self.commit_check is not None:
-                self.commit_check(connection)
+        with self.engine.connect() as connection:
+            bulk = self._bulk if self._bulk is not None and wal.applies(connection) else None
+            if bulk is None:
+                with connection.begin():
+                    yield connection
+                    self._check(connection)
+                return
+            committed = False
+            try:
+                with connection.begin():
+                    wal.defer(connection)
+                    yield connection
+                    self._check(connection)
+                committed = True
+            finally:
+                bulk.after(connection, committed=committed)
+
+    def _check(self, connection: Connection) -> None:
+        if self.commit_check is not None:
+            self.commit_check(connection)
 
     def _retry(self, function: Callable[..., T]) -> Callable[..., T]:
         if self._rehearsal is not None:
@@ -250,6 +301,18 @@ class Store:
         if db.locks_rows(connection) and not db.is_read_only(connection):
             return statement.with_for_update()
         return statement
+
+    def pinned(
+        self, column: ColumnElement[Any], where: ColumnElement[bool], connection: Connection
+    ) -> ColumnElement[bool]:
+        """``where`` as a condition that names the same rows for the rest of the transaction:
+        on servers the rows are locked by ``column`` (their key) and named by it; on SQLite,
+        whose write lock is already held, ``where`` itself, evaluated again by each statement
+        (one read fewer per batch)."""
+        if db.locks_rows(connection) and not db.is_read_only(connection):
+            keys = connection.execute(self.locked(sa.select(column).where(where), connection))
+            return db.one_of(column, keys.scalars())
+        return where
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -291,7 +354,9 @@ class Store:
         # Imported here: changes builds on this module's transactions and outcomes.
         from fswatch_sync.changes import apply_task_rule
 
-        return apply_task_rule(self, rule, source=source, now=now, collect=collect)
+        outcome = apply_task_rule(self, rule, source=source, now=now, collect=collect)
+        self.end_pass()
+        return outcome
 
     @contextmanager
     def _reading(self) -> Iterator[Connection]:
@@ -321,7 +386,7 @@ class Store:
         # Imported here: removal builds on this module's batches and outcomes.
         from fswatch_sync.removal import remove_apps
 
-        return remove_apps(
+        outcome = remove_apps(
             self,
             keys,
             source=source,
@@ -334,6 +399,8 @@ class Store:
             collect=collect,
             isolate=isolate,
         )
+        self.end_pass()
+        return outcome
 
     def count_marked(self) -> int:
         """How many app keys are marked missing now (waiting out the missing-since grace)."""
@@ -365,6 +432,7 @@ class Store:
             sizer.record(deleted, time.monotonic() - started)
             total += deleted
             if found == 0:
+                self.end_pass()
                 return total
 
     def _purge_journal_batch(self, cutoff: datetime, size: int) -> tuple[int, int]:

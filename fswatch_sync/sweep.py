@@ -313,7 +313,7 @@ class Sweeper:
                     allow_empty_root=allow_empty_root, force_models=force_models,
                 )
             return
-        store = self.store.with_commit_check(self._commit_check)
+        store = self.store.with_commit_check(self._commit_check).bulk()
         self._apply(
             store, report, now, force=force, live=True,
             allow_empty_root=allow_empty_root, force_models=force_models,

@@ -606,8 +606,24 @@ def floor_connection(url: str) -> FloorConnection:
     if url.startswith("sqlite"):
         database = sa.make_url(url).database
         assert database is not None
-        return sqlite3.connect(database, isolation_level=None)
+        connection = sqlite3.connect(database, isolation_level=None)
+        # As fswatch_sync's own connections: WAL syncs at checkpoints, not at every commit.
+        connection.execute("PRAGMA synchronous = NORMAL")
+        return connection
     return _PostgresFloorConnection(url)
+
+
+def _floor_pass(connection: FloorConnection, begin: bool) -> None:
+    """Around each pass of the batched floor on SQLite, the checkpoint policy fswatch_sync's
+    sweep follows (fswatch_sync.wal): no checkpoint inside a commit during the pass, one
+    PASSIVE checkpoint after it."""
+    if not isinstance(connection, sqlite3.Connection):
+        return
+    if begin:
+        connection.execute("PRAGMA wal_autocheckpoint = 0")
+    else:
+        connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        connection.execute("PRAGMA wal_autocheckpoint = 1000")
 
 
 def _floor_orphans(
@@ -712,6 +728,7 @@ def batched_floor_sweep(
     active = ",".join("?" * len(ACTIVE))
     terminal = ",".join("?" * len(TERMINAL))
 
+    _floor_pass(connection, begin=True)
     for start in range(0, len(orphans), batch):
         part = orphans[start : start + batch]
         # One "slug = ? AND number IN (...)" term per model: answered from the (slug, number)
@@ -729,6 +746,7 @@ def batched_floor_sweep(
             [item for slug, numbers in by_slug.items() for item in (slug, *numbers)],
         ).rowcount
         connection.execute("COMMIT")
+    _floor_pass(connection, begin=False)
 
     no_app = (
         f"NOT EXISTS (SELECT 1 FROM {APPS_TABLE} a WHERE a.model_slug = {TASKS_TABLE}.target_model"
@@ -769,6 +787,7 @@ def batched_floor_sweep(
         ),
     ]
     for counter, condition, params, verb, status, message in passes:
+        _floor_pass(connection, begin=True)
         ids = [
             pk
             for (pk,) in connection.execute(
@@ -790,6 +809,7 @@ def batched_floor_sweep(
                 arguments = (status, stamp, message, *part, *params)
             counts[counter] += connection.execute(sql, arguments).rowcount
             connection.execute("COMMIT")
+        _floor_pass(connection, begin=False)
     return counts
 
 
