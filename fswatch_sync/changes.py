@@ -31,13 +31,22 @@ from fswatch_sync.text import first_line
 log = logging.getLogger(__name__)
 
 
+# How many keys one unlocked read finds ahead of the write batches: a rule whose predicate is
+# costly to evaluate (an anti-join, a walk of a large table) is evaluated once per window
+# instead of once per batch, and memory holds one integer per key of the window at most.
+WINDOW = 10_000
+
+
 def apply_task_rule(
     store: Store, rule: TaskRule, *, source: str, now: datetime, collect: bool = False
 ) -> RuleOutcome:
     """Apply ``rule`` to every task it matches, in keyset batches of one transaction each.
 
-    ``collect``: also return each change (for per-task signals); otherwise no changed row
-    passes through Python.
+    The keys are found by a read that takes no lock (a window of up to :data:`WINDOW` keys in
+    key order: walking the table is the slow part, and no write transaction holds its locks
+    through it); each batch's write transaction then re-checks the rule on its keys, under lock,
+    and changes exactly the rows that still match. ``collect``: also return each change (for
+    per-task signals); otherwise no changed row passes through Python.
     """
     outcome = RuleOutcome(rule.name)
     batch = store._retry(partial(_task_batch, store))
@@ -46,33 +55,38 @@ def apply_task_rule(
         after: Any = None
         changed_this_round = 0
         while True:
-            started = time.monotonic()
-            try:
-                upper, changed, changes = batch(rule, after, sizer.size, source, now, collect)
-            except DBAPIError as exc:
-                if db.is_transient(exc):
-                    raise
-                # A row the database refuses (a host constraint, a trigger): narrow the
-                # batch down to it, skip it, and go on with the others.
-                if sizer.size > 1:
-                    sizer.size = max(1, sizer.size // 2)
-                    sizer.minimum = min(sizer.minimum, sizer.size)
+            window = _find(store, rule, after)
+            start = 0
+            while start < len(window):
+                part = window[start : start + sizer.size]
+                started = time.monotonic()
+                try:
+                    changed, changes = batch(rule, part, source, now, collect)
+                except DBAPIError as exc:
+                    if db.is_transient(exc):
+                        raise
+                    # A row the database refuses (a host constraint, a trigger): narrow the
+                    # batch down to it, skip it, and go on with the others.
+                    if len(part) > 1:
+                        sizer.size = max(1, len(part) // 2)
+                        sizer.minimum = min(sizer.minimum, sizer.size)
+                        continue
+                    outcome.failed += 1
+                    log.warning(
+                        "task %r left for the next sweep: the database refused %s: %s",
+                        part[0],
+                        rule.name.replace("_", " "),
+                        first_line(exc),
+                    )
+                    start += 1
                     continue
-                after = _first_match(store, rule, after)
-                outcome.failed += 1
-                log.warning(
-                    "task %r left for the next sweep: the database refused %s: %s",
-                    after,
-                    rule.name.replace("_", " "),
-                    first_line(exc),
-                )
-                continue
-            if upper is None:
+                sizer.record(changed, time.monotonic() - started)
+                start += len(part)
+                changed_this_round += changed
+                outcome.changes += changes
+            if len(window) < WINDOW:
                 break
-            sizer.record(changed, time.monotonic() - started)
-            after = upper
-            changed_this_round += changed
-            outcome.changes += changes
+            after = window[-1]
         outcome.count += changed_this_round
         if not rule.repeat or changed_this_round == 0:
             break
@@ -87,34 +101,25 @@ def apply_task_rule(
             )
     return outcome
 
-def _first_match(store: Store, rule: TaskRule, after: Any) -> Any:
+
+def _find(store: Store, rule: TaskRule, after: Any) -> list[Any]:
+    """The keys of the next window of tasks ``rule`` matches after ``after``, in key order."""
     pk = store.host.task_col("id")
-    window = rule.where if after is None else sa.and_(rule.where, pk > after)
+    where = rule.where if after is None else sa.and_(rule.where, pk > after)
     with store._reading() as connection:
-        return connection.execute(sa.select(pk).where(window).order_by(pk).limit(1)).scalar()
+        found = connection.execute(sa.select(pk).where(where).order_by(pk).limit(WINDOW))
+        return list(found.scalars())
+
 
 def _task_batch(
-    store: Store,
-    rule: TaskRule, after: Any, size: int, source: str, now: datetime, collect: bool
-) -> tuple[Any, int, list[TaskChange]]:
-    """The next ``size`` tasks ``rule`` matches after ``after``, journalled and changed in one
-    transaction. Returns (the batch's last key, or None when there is none; rows; changes).
-
-    The batch is found by a read that takes no lock (walking the table is the slow part, and no
-    write transaction holds its locks through it); the write transaction then locks those rows
-    by key, re-checking the rule, and changes exactly the rows it locked.
-    """
+    store: Store, rule: TaskRule, keys: list[Any], source: str, now: datetime, collect: bool
+) -> tuple[int, list[TaskChange]]:
+    """The tasks of ``keys`` that ``rule`` still matches, journalled and changed in one
+    transaction. Returns (rows changed, the changes when ``collect``)."""
     host = store.host
     pk = host.task_col("id")
-    window = rule.where if after is None else sa.and_(rule.where, pk > after)
-    with store._reading() as connection:
-        found = list(
-            connection.execute(sa.select(pk).where(window).order_by(pk).limit(size)).scalars()
-        )
-    if not found:
-        return None, 0, []
     with store._write() as connection:
-        chosen = store.pinned(pk, sa.and_(db.one_of(pk, found), rule.where), connection)
+        chosen = store.pinned(pk, sa.and_(db.one_of(pk, keys), rule.where), connection)
         new_status = rule.effect.status if isinstance(rule.effect, SetStatus) else None
         changes = _task_changes(host, connection, chosen, new_status) if collect else []
         journal = JournalWriter(connection, source=source, now=now)
@@ -137,7 +142,7 @@ def _task_batch(
             raise db.StaleRead(
                 f"{journalled - result.rowcount} task(s) changed under the tool's lock"
             )
-    return found[-1], journalled, changes
+    return journalled, changes
 
 
 def _task_changes(

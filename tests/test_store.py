@@ -116,6 +116,25 @@ def test_batches_are_bounded_and_complete(store: Store, now: datetime) -> None:
     assert task_statuses(store) == {}
 
 
+def test_a_rule_walks_every_window_of_keys(
+    store: Store, now: datetime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fswatch_sync import changes
+
+    keys = [AppKey("model", n) for n in range(7)]
+    seed(store, keys, now)  # 21 tasks: 7 of them completed
+    # Windows of 4 keys, batches of 3: a window ends inside a batch, and the walk goes on.
+    monkeypatch.setattr(changes, "WINDOW", 4)
+    small = Store(store.engine, batch_size=3, max_transaction_ms=0.001)
+    old = rules.old_tasks_rule(small.host, now + timedelta(days=1))
+
+    assert small.apply_task_rule(old, source="test", now=now).count == 7
+
+    assert sorted(set(task_statuses(store).values())) == ["pending", "running"]
+    # Window one: 4 keys, batches of 3 and 1; window two: the last 3, one batch.
+    assert sorted(journal_batches(store.engine, "task_purged").values()) == [1, 3, 3]
+
+
 def test_change_tasks_is_a_compare_and_set(store: Store, now: datetime) -> None:
     """A task the runner finished after the sweep read it keeps its real outcome."""
     keys = [AppKey("model", n) for n in range(10)]
