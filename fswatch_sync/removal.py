@@ -255,8 +255,10 @@ def _cancel_tasks(
         outcome.cancelled += changes
         chosen: sa.ColumnElement[bool] = db.one_of(pk, [change.pk for change in changes])
     else:
-        # Found by the (target, status) index, then journalled and changed (by key on servers).
-        chosen = store.pinned(pk, matching, connection)
+        # Found once by the (target, status) index, then journalled and changed by key: asked
+        # for whole rows (a before-image), SQLite would find them through the status index.
+        locked = connection.execute(store.locked(sa.select(pk).where(matching), connection))
+        chosen = db.one_of(pk, locked.scalars())
     count = journal.record(
         "task_cancelled",
         host.tasks,
