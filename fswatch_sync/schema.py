@@ -472,6 +472,9 @@ def default_host_metadata(config: SchemaConfig) -> MetaData:
             tasks.target_app_number,
             tasks.status,
         ),
-        Index(f"ix_{config.tasks_table}_status", tasks.status),
+        # With the key: a keyset batch of one status (stuck running, stuck pending) walks this
+        # index in key order. (SQLite and InnoDB add the key to every index themselves;
+        # PostgreSQL would otherwise walk the whole table by its primary key.)
+        Index(f"ix_{config.tasks_table}_status", tasks.status, tasks.id),
     )
     return metadata
