@@ -22,9 +22,10 @@ from sqlalchemy.exc import DBAPIError
 
 from fswatch_sync import db
 from fswatch_sync.hostschema import HostTables, ResolvedDependent
-from fswatch_sync.images import JournalWriter
+from fswatch_sync.images import JOURNAL_COLUMNS, JournalWriter
 from fswatch_sync.layout import AppKey
 from fswatch_sync.rules import Delete, SetStatus, TaskRule
+from fswatch_sync.schema import journal_table
 from fswatch_sync.store import BatchSizer, RuleOutcome, Store, TaskChange
 from fswatch_sync.text import first_line
 
@@ -116,48 +117,170 @@ def _task_batch(
 ) -> tuple[int, list[TaskChange]]:
     """The tasks of ``keys`` that ``rule`` still matches, journalled and changed in one
     transaction. Returns (rows changed, the changes when ``collect``)."""
-    host = store.host
-    pk = host.task_col("id")
+    pk = store.host.task_col("id")
     with store._write() as connection:
-        chosen = store.pinned(pk, sa.and_(db.one_of(pk, keys), rule.where), connection)
-        new_status = rule.effect.status if isinstance(rule.effect, SetStatus) else None
-        changes = _task_changes(host, connection, chosen, new_status) if collect else []
         journal = JournalWriter(connection, source=source, now=now)
-        journalled = journal.record(
+        return change_tasks(
+            store,
+            connection,
+            sa.and_(db.one_of(pk, keys), rule.where),
+            rule.effect,
             rule.action,
-            host.tasks,
-            chosen,
-            key=(host.task_col("target_model"), host.task_col("target_app_number")),
-            status=host.task_col("status"),
-            new_status=new_status,
+            journal,
+            now,
+            collect=collect,
         )
-        if isinstance(rule.effect, Delete):
-            for dependent in host.task_dependents:
-                if dependent.policy != "restrict":
-                    follow_policy(connection, dependent, host.tasks, chosen, journal, None)
-            result = connection.execute(sa.delete(host.tasks).where(chosen))
-        else:
-            result = set_status(host, connection, chosen, rule.effect, now)
-        if result.rowcount != journalled:
-            raise db.StaleRead(
-                f"{journalled - result.rowcount} task(s) changed under the tool's lock"
-            )
-    return journalled, changes
 
 
-def _task_changes(
-    host: HostTables, connection: Connection, where: ColumnElement[bool], new_status: str | None
-) -> list[TaskChange]:
-    columns = [
-        host.task_col(role)
-        for role in ("id", "task_id", "target_model", "target_app_number", "status")
-    ]
-    return [
-        TaskChange(pk, str(task_id), AppKey(model, int(number)), status, new_status or "")
-        for pk, task_id, model, number, status in connection.execute(
-            sa.select(*columns).where(where).order_by(columns[0])
+def change_tasks(
+    store: Store,
+    connection: Connection,
+    where: ColumnElement[bool],
+    effect: SetStatus | Delete,
+    action: str,
+    journal: JournalWriter,
+    now: datetime,
+    *,
+    collect: bool,
+) -> tuple[int, list[TaskChange]]:
+    """The one way tasks change: the tasks for which ``where`` holds are journalled (``action``)
+    and changed by ``effect``, in the caller's transaction, as a compare-and-set on what was
+    read. Returns (how many, each change when ``collect``)."""
+    host = store.host
+    if not collect and _by_row_version_applies(connection, host, effect):
+        return _change_by_row_version(host, connection, where, effect, action, journal, now), []
+    pk = host.task_col("id")
+    new_status = effect.status if isinstance(effect, SetStatus) else None
+    changes: list[TaskChange] = []
+    if collect:
+        columns = [
+            host.task_col(role)
+            for role in ("id", "task_id", "target_model", "target_app_number", "status")
+        ]
+        read = store.locked(sa.select(*columns).where(where).order_by(pk), connection)
+        changes = [
+            TaskChange(key, str(task_id), AppKey(model, int(number)), status, new_status or "")
+            for key, task_id, model, number, status in connection.execute(read)
+        ]
+        pks = [change.pk for change in changes]
+    else:
+        locked = store.locked(sa.select(pk).where(where), connection)
+        pks = list(connection.execute(locked).scalars())
+    if not pks:
+        return 0, changes
+    chosen = db.one_of(pk, pks)
+    journalled = journal.record(
+        action,
+        host.tasks,
+        chosen,
+        key=(host.task_col("target_model"), host.task_col("target_app_number")),
+        status=host.task_col("status"),
+        new_status=new_status,
+    )
+    if isinstance(effect, Delete):
+        for dependent in host.task_dependents:
+            if dependent.policy != "restrict":
+                follow_policy(connection, dependent, host.tasks, chosen, journal, None)
+        result = connection.execute(sa.delete(host.tasks).where(chosen))
+    else:
+        result = set_status(host, connection, chosen, effect, now)
+    if result.rowcount != len(pks) or journalled != len(pks):
+        raise db.StaleRead(f"{len(pks) - result.rowcount} task(s) changed under the tool's lock")
+    return len(pks), changes
+
+
+def _by_row_version_applies(
+    connection: Connection, host: HostTables, effect: SetStatus | Delete
+) -> bool:
+    """PostgreSQL, and no dependent rows to follow (those are journalled and changed first,
+    by their own statements)."""
+    if connection.dialect.name != "postgresql":
+        return False
+    return not (
+        isinstance(effect, Delete)
+        and any(d.policy != "restrict" for d in host.task_dependents)
+    )
+
+
+def _change_by_row_version(
+    host: HostTables,
+    connection: Connection,
+    where: ColumnElement[bool],
+    effect: SetStatus | Delete,
+    action: str,
+    journal: JournalWriter,
+    now: datetime,
+) -> int:
+    """PostgreSQL: read, change and journal in one statement, without locking first.
+
+    The rows are read with their version (``xmin``) and before-image; the UPDATE or DELETE
+    changes only rows still at that version, and the journal is written from what it changed.
+    A row changed meanwhile by another transaction is left as it is, its count differs from
+    what was read, and the batch is tried again (StaleRead): the compare-and-set of the
+    lock-then-change path, on the whole row, with one round trip and no lock written per row.
+    """
+    table = host.tasks
+    pk = host.task_col("id")
+    new_status = effect.status if isinstance(effect, SetStatus) else None
+    quoted = connection.dialect.identifier_preparer.format_table(table)
+    version: ColumnElement[Any] = sa.literal_column(f"{quoted}.xmin")
+    entry = journal.entry(
+        action,
+        table,
+        key=(host.task_col("target_model"), host.task_col("target_app_number")),
+        status=host.task_col("status"),
+        new_status=new_status,
+    )
+    read = (
+        sa.select(pk.label("fswatch_pk"), version.label("fswatch_version"), *entry)
+        .where(where)
+        .cte("fswatch_read")
+        .prefix_with("MATERIALIZED")
+    )
+    unchanged = sa.and_(pk == read.c.fswatch_pk, version == read.c.fswatch_version)
+    returned = [read.c[name] for name in JOURNAL_COLUMNS]
+    change: Any
+    if isinstance(effect, Delete):
+        change = sa.delete(table).where(unchanged).returning(*returned)
+    else:
+        change = (
+            sa.update(table)
+            .where(unchanged, host.task_col("status").in_(host.config.statuses.active))
+            .values(_status_values(host, effect, now))
+            .returning(*returned)
         )
-    ]
+    changed = change.cte("fswatch_changed")
+    written = (
+        sa.insert(journal_table)
+        .from_select(JOURNAL_COLUMNS, sa.select(*(changed.c[name] for name in JOURNAL_COLUMNS)))
+        .returning(journal_table.c.id)
+        .cte("fswatch_journalled")
+    )
+    counted = connection.execute(
+        sa.select(
+            sa.select(sa.func.count()).select_from(read).scalar_subquery(),
+            sa.select(sa.func.count()).select_from(written).scalar_subquery(),
+        )
+    ).one()
+    found, journalled = int(counted[0]), int(counted[1])
+    if journalled != found:
+        raise db.StaleRead(f"{found - journalled} task(s) changed while the batch was written")
+    journal.count += journalled
+    return journalled
+
+
+def _status_values(host: HostTables, effect: SetStatus, now: datetime) -> dict[str, Any]:
+    config = host.config.tasks
+    values: dict[str, Any] = {
+        config.status: effect.status,
+        config.completed_at: db.bind_time(host.task_col("completed_at"), now),
+    }
+    if host.has_error_message:
+        values[config.error_message] = effect.message
+    if config.updated_at:
+        values[config.updated_at] = db.bind_time(host.task_col("updated_at"), now)
+    return values
+
 
 def set_status(
     host: HostTables,
@@ -168,21 +291,12 @@ def set_status(
 ) -> Any:
     """The one way a task's status changes: only from an active status (the compare-and-set
     on what was read under lock), with ``completed_at`` and the rule's message."""
-    config = host.config.tasks
-    completed = host.task_col("completed_at")
-    values: dict[str, Any] = {
-        config.status: effect.status,
-        config.completed_at: db.bind_time(completed, now),
-    }
-    if host.has_error_message:
-        values[config.error_message] = effect.message
-    if config.updated_at:
-        values[config.updated_at] = db.bind_time(host.task_col("updated_at"), now)
     return connection.execute(
         sa.update(host.tasks)
         .where(where, host.task_col("status").in_(host.config.statuses.active))
-        .values(values)
+        .values(_status_values(host, effect, now))
     )
+
 
 def follow_policy(
     connection: Connection,

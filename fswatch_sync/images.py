@@ -155,6 +155,40 @@ class JournalWriter:
         self.at = to_db_time(now)
         self.count = 0
 
+    def entry(
+        self,
+        action: str,
+        table: Table,
+        *,
+        key: tuple[ColumnElement[Any], ColumnElement[Any]] | None = None,
+        status: ColumnElement[Any] | None = None,
+        new_status: str | None = None,
+    ) -> list[ColumnElement[Any]]:
+        """The journal columns (:data:`JOURNAL_COLUMNS`, in order) of the row of ``table`` in the
+        current FROM clause, labelled by name. ``key``: the (slug, number) columns naming the
+        row's app."""
+        slug: ColumnElement[Any] = sa.null()
+        number: ColumnElement[Any] = sa.null()
+        if key is not None:
+            slug = sa.cast(key[0], sa.Text())
+            number = key[1]
+            if not isinstance(number.type, sa.Integer):
+                number = sa.cast(number, sa.BigInteger())
+        values: list[ColumnElement[Any]] = [
+            sa.literal(self.batch_id, sa.String()),
+            sa.literal(self.at, sa.DateTime()),
+            sa.literal(action, sa.String()),
+            sa.literal(self.source, sa.String()),
+            sa.literal(table.name, sa.String()),
+            key_of(table, self.dialect),
+            slug,
+            number,
+            sa.null() if status is None else sa.cast(status, sa.Text()),
+            sa.null() if new_status is None else sa.literal(new_status, sa.Text()),
+            image_of(table, self.dialect),
+        ]
+        return [value.label(name) for value, name in zip(values, JOURNAL_COLUMNS, strict=True)]
+
     def record(
         self,
         action: str,
@@ -168,30 +202,15 @@ class JournalWriter:
     ) -> int:
         """Journal the rows of ``table`` (joined as ``from_``) for which ``where`` holds; return
         how many. ``key``: the (slug, number) columns naming each row's app."""
-        slug: ColumnElement[Any] = sa.null()
-        number: ColumnElement[Any] = sa.null()
-        if key is not None:
-            slug = sa.cast(key[0], sa.Text())
-            number = key[1]
-            if not isinstance(number.type, sa.Integer):
-                number = sa.cast(number, sa.BigInteger())
-        source = sa.select(
-            sa.literal(self.batch_id, sa.String()),
-            sa.literal(self.at, sa.DateTime()),
-            sa.literal(action, sa.String()),
-            sa.literal(self.source, sa.String()),
-            sa.literal(table.name, sa.String()),
-            key_of(table, self.dialect),
-            slug,
-            number,
-            sa.null() if status is None else sa.cast(status, sa.Text()),
-            sa.null() if new_status is None else sa.literal(new_status, sa.Text()),
-            image_of(table, self.dialect),
-        ).select_from(table if from_ is None else from_).where(where)
+        source = (
+            sa.select(*self.entry(action, table, key=key, status=status, new_status=new_status))
+            .select_from(table if from_ is None else from_)
+            .where(where)
+        )
         # preserve_rowcount: psycopg reports an INSERT's row count only when asked to keep it.
         statement = (
             sa.insert(journal_table)
-            .from_select(_JOURNAL_COLUMNS, source)
+            .from_select(JOURNAL_COLUMNS, source)
             .execution_options(preserve_rowcount=True)
         )
         written = int(self.connection.execute(statement).rowcount)
@@ -199,7 +218,7 @@ class JournalWriter:
         return written
 
 
-_JOURNAL_COLUMNS = [
+JOURNAL_COLUMNS = [
     "batch_id",
     "at",
     "action",

@@ -19,12 +19,12 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
 from fswatch_sync import db, rules
-from fswatch_sync.changes import follow_policy, set_status
+from fswatch_sync.changes import change_tasks, follow_policy
 from fswatch_sync.images import JournalWriter
 from fswatch_sync.layout import AppKey
 from fswatch_sync.marks import Marks
 from fswatch_sync.rules import app_keys, task_keys
-from fswatch_sync.store import BatchSizer, RemovalOutcome, Store, TaskChange
+from fswatch_sync.store import BatchSizer, RemovalOutcome, Store
 from fswatch_sync.text import first_line
 
 log = logging.getLogger(__name__)
@@ -235,46 +235,22 @@ def _cancel_tasks(
     outcome: RemovalOutcome,
     collect: bool,
 ) -> None:
-    """Cancel the keys' active tasks: locked, journalled, compare-and-set on the status."""
+    """Cancel the keys' active tasks: journalled, compare-and-set on the status."""
     host = store.host
-    cancelled = host.config.statuses.cancelled
-    pk = host.task_col("id")
-    matching = sa.and_(task_keys(host, keys), rules.active(host))
-    if collect:
-        columns = [
-            host.task_col(role)
-            for role in ("id", "task_id", "target_model", "target_app_number", "status")
-        ]
-        rows = connection.execute(
-            store.locked(sa.select(*columns).where(matching), connection)
-        ).all()
-        changes = [
-            TaskChange(p, str(task_id), AppKey(model, int(number)), status, cancelled)
-            for p, task_id, model, number, status in rows
-        ]
-        outcome.cancelled += changes
-        chosen: sa.ColumnElement[bool] = db.one_of(pk, [change.pk for change in changes])
-    else:
-        # Found once by the (target, status) index, then journalled and changed by key: asked
-        # for whole rows (a before-image), SQLite would find them through the status index.
-        locked = connection.execute(store.locked(sa.select(pk).where(matching), connection))
-        chosen = db.one_of(pk, locked.scalars())
-    count = journal.record(
-        "task_cancelled",
-        host.tasks,
-        chosen,
-        key=(host.task_col("target_model"), host.task_col("target_app_number")),
-        status=host.task_col("status"),
-        new_status=cancelled,
+    effect = rules.SetStatus(
+        host.config.statuses.cancelled, rules.key_message(host.config.cancel_message, host)
     )
-    if count == 0:
-        return
-    effect = rules.SetStatus(cancelled, rules.key_message(host.config.cancel_message, host))
-    result = set_status(host, connection, chosen, effect, now)
-    if result.rowcount != count:
-        raise db.StaleRead(
-            f"{count - result.rowcount} task(s) changed status under the tool's lock"
-        )
+    count, changes = change_tasks(
+        store,
+        connection,
+        sa.and_(task_keys(host, keys), rules.active(host)),
+        effect,
+        "task_cancelled",
+        journal,
+        now,
+        collect=collect,
+    )
+    outcome.cancelled += changes
     outcome.cancelled_count += count
 
 

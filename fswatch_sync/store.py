@@ -302,18 +302,6 @@ class Store:
             return statement.with_for_update()
         return statement
 
-    def pinned(
-        self, column: ColumnElement[Any], where: ColumnElement[bool], connection: Connection
-    ) -> ColumnElement[bool]:
-        """``where`` as a condition that names the same rows for the rest of the transaction:
-        on servers the rows are locked by ``column`` (their key) and named by it; on SQLite,
-        whose write lock is already held, ``where`` itself, evaluated again by each statement
-        (one read fewer per batch)."""
-        if db.locks_rows(connection) and not db.is_read_only(connection):
-            keys = connection.execute(self.locked(sa.select(column).where(where), connection))
-            return db.one_of(column, keys.scalars())
-        return where
-
     # -- reading --------------------------------------------------------------------------------
 
     def app_rows(self, young_after: datetime | None = None) -> list[AppRow]:

@@ -33,23 +33,23 @@ def test_race_runner_vs_tool_quick_rounds(backend: str, tmp_path: Path) -> None:
 def _blind_task_batch(
     self: Store,
     rule: TaskRule,
-    after: Any,
-    size: int,
+    keys: list[Any],
     source: str,
     now: datetime,
     collect: bool,
-) -> tuple[Any, int, list[TaskChange]]:
+) -> tuple[int, list[TaskChange]]:
     """The seed system's way: read the tasks, then write the new status by id alone, in another
     transaction and with no compare-and-set."""
     host = self.host
     pk = host.task_col("id")
-    window = rule.where if after is None else sa.and_(rule.where, pk > after)
     columns = [host.task_col(r) for r in ("id", "task_id", "target_model", "target_app_number",
                                           "status")]
     with self.reader.connect() as connection:
-        rows = connection.execute(sa.select(*columns).where(window).order_by(pk).limit(size)).all()
+        rows = connection.execute(
+            sa.select(*columns).where(pk.in_(keys), rule.where).order_by(pk)
+        ).all()
     if not rows:
-        return None, 0, []
+        return 0, []
     assert isinstance(rule.effect, SetStatus)
     new_status = rule.effect.status
     changes = [TaskChange(p, t, AppKey(m, int(n)), s, new_status) for p, t, m, n, s in rows]
@@ -73,7 +73,7 @@ def _blind_task_batch(
             .where(chosen)
             .values(status=new_status, completed_at=db.to_db_time(now))
         )
-    return changes[-1].pk, len(changes), changes
+    return len(changes), changes
 
 
 def _failure_text(exc: BaseException) -> str:
