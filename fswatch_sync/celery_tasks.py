@@ -38,7 +38,8 @@ from fswatch_sync import signals
 from fswatch_sync.errors import LeaseUnavailable, SweepRefused
 from fswatch_sync.settings import Settings, load_settings
 from fswatch_sync.store import Store
-from fswatch_sync.sweep import Sweeper, SweepReport
+from fswatch_sync.sweep import Sweeper
+from fswatch_sync.sweep_report import SweepReport
 
 log = logging.getLogger(__name__)
 

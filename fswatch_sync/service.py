@@ -28,7 +28,8 @@ from fswatch_sync.records import LeaseLost
 from fswatch_sync.settings import Settings, describe
 from fswatch_sync.stats import Stats
 from fswatch_sync.store import Store
-from fswatch_sync.sweep import Sweeper, SweepReport
+from fswatch_sync.sweep import Sweeper
+from fswatch_sync.sweep_report import SweepReport
 from fswatch_sync.text import first_line, printable
 from fswatch_sync.watcher import Watcher, choose_observer_kind
 

@@ -5,6 +5,10 @@ not in the database), asks the guard, then applies the rules of :mod:`fswatch_sy
 after another; every predicate is evaluated by the database, under lock, in the store's batches.
 A dry run applies the very same rules in one transaction that it rolls back, so it reports
 exactly what a real run would do.
+
+This module runs the pass (:class:`Sweeper`); what it reports is :mod:`fswatch_sync.sweep_report`,
+how it judges the tree :mod:`fswatch_sync.sweep_tree`, and its pure planning (the orphan keys,
+the guard) :mod:`fswatch_sync.sweep_plan`.
 """
 
 from __future__ import annotations
@@ -12,156 +16,38 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from fswatch_sync import announce, db, rules, signals, treehealth
 from fswatch_sync.errors import SweepInterrupted, SweepRefused
-from fswatch_sync.layout import AppKey, Scan, apps_present, scan_tree
+from fswatch_sync.layout import apps_present
 from fswatch_sync.records import Lease, SweepLog
 from fswatch_sync.settings import Settings
-from fswatch_sync.store import AppRow, Store, TaskChange
-from fswatch_sync.text import first_line, printable
-from fswatch_sync.treehealth import Seen, TreeRecord
+from fswatch_sync.store import Store, TaskChange
+from fswatch_sync.sweep_plan import guard, orphan_keys
+from fswatch_sync.sweep_report import SweepReport
+from fswatch_sync.sweep_tree import TreeJudge
+from fswatch_sync.text import first_line
+from fswatch_sync.treehealth import TreeRecord
+
+# The sweep's public names, importable from here whichever module holds them.
+__all__ = [
+    "Progress",
+    "SweepInterrupted",
+    "SweepRefused",
+    "SweepReport",
+    "Sweeper",
+    "guard",
+    "orphan_keys",
+]
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]
-
-
-@dataclass
-class SweepReport:
-    """What one sweep did (or, in a dry run, would do)."""
-
-    dry_run: bool = False
-    forced: bool = False
-    orphan_apps: int = 0
-    orphan_app_rows: int = 0
-    marked_missing: int = 0
-    failed_apps: int = 0
-    failed_tasks: int = 0
-    orphan_tasks: int = 0
-    stuck_tasks: int = 0
-    old_tasks: int = 0
-    old_tasks_kept: int = 0
-    journal_pruned: int = 0
-    dependents_deleted: int = 0
-    dependents_nullified: int = 0
-    stuck_running: int = 0
-    stuck_pending: int = 0
-    blocked_apps: int = 0
-    kept_present: int = 0
-    app_rows: int = 0
-    app_keys: int = 0
-    app_dirs: int = 0
-    unreadable_dirs: int = 0
-    refused: str | None = None
-    # Model directories that prove nothing about their apps (see treehealth); their rows stay.
-    untrusted_models: list[str] = field(default_factory=list)
-    untrusted_rows: int = 0
-    started_at: datetime | None = None
-    duration_seconds: float = 0.0
-    removed: list[AppKey] = field(default_factory=list, repr=False)
-
-    def counts(self) -> dict[str, int]:
-        return {
-            "orphan_apps": self.orphan_apps,
-            "orphan_tasks": self.orphan_tasks,
-            "stuck_tasks": self.stuck_tasks,
-            "old_tasks": self.old_tasks,
-            "blocked_apps": self.blocked_apps,
-        }
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            **self.counts(),
-            "dry_run": self.dry_run,
-            "forced": self.forced,
-            "refused": self.refused is not None,
-            "reason": self.refused,
-            "stuck_running": self.stuck_running,
-            "stuck_pending": self.stuck_pending,
-            "journal_pruned": self.journal_pruned,
-            # orphan_apps counts app keys (directories); a key may own several rows.
-            "orphan_app_rows": self.orphan_app_rows,
-            "marked_missing": self.marked_missing,
-            # Refused by the database (a host constraint or trigger), left for the next sweep.
-            "failed_apps": self.failed_apps,
-            "failed_tasks": self.failed_tasks,
-            "old_tasks_kept": self.old_tasks_kept,
-            "dependents_deleted": self.dependents_deleted,
-            "dependents_nullified": self.dependents_nullified,
-            "app_keys": self.app_keys,
-            "kept_present": self.kept_present,
-            "app_rows": self.app_rows,
-            "app_dirs": self.app_dirs,
-            "unreadable_dirs": self.unreadable_dirs,
-            "untrusted_models": self.untrusted_models,
-            "untrusted_rows": self.untrusted_rows,
-            "started_at": self.started_at.isoformat() if self.started_at else None,
-            "duration_seconds": round(self.duration_seconds, 3),
-        }
-
-
-# -- pure planning ---------------------------------------------------------------------------
-
-
-def orphan_keys(
-    present: set[AppKey], rows: Iterable[AppRow], unknown_slugs: Iterable[str] = ()
-) -> list[AppKey]:
-    """App keys without a directory, except keys in the new-app grace (judged by the database:
-    ``AppRow.young``) and keys in a model directory that could not be listed (absence not
-    proven)."""
-    unknown = frozenset(unknown_slugs)
-    # An AppKey is a tuple: (slug, number) finds it in ``present`` without building one per row.
-    return sorted(
-        AppKey(slug, int(number))
-        for slug, number, _rows, young in rows
-        if not young and (slug, number) not in present and slug not in unknown
-    )
-
-
-def guard(
-    *,
-    root_problem: str | None,
-    rows: int,
-    orphans: int,
-    max_fraction: float,
-    force: bool,
-) -> str | None:
-    """Why the sweep must not run now, or None.
-
-    ``root_problem`` is :mod:`fswatch_sync.treehealth`'s verdict on the root (an empty root was
-    already let through there when it is the directory seen holding apps before, or when the
-    operator allowed it); ``--force`` never passes it. ``force`` passes only the fraction. A
-    single removal is never a mass deletion, unless the fraction is 0 (nothing without --force).
-    """
-    if root_problem == treehealth.ROOT_MISSING:
-        return "the root is missing (not mounted?); nothing was changed"
-    if root_problem is not None:
-        return (
-            f"the root holds no app directory while {rows} app rows exist and it is not the"
-            " directory seen holding apps before (an unmounted volume's mount point looks like"
-            " this); nothing was changed (use --allow-empty-root if the apps are really gone)"
-        )
-    if force:
-        return None
-    allowed = max(max_fraction * rows, 1.0 if max_fraction > 0 else 0.0)
-    if rows and orphans > allowed:
-        return (
-            f"{orphans} of {rows} app rows ({orphans / rows:.0%}) have no directory, more than the"
-            f" allowed {max_fraction:.0%}; nothing was changed (use --force to proceed)"
-        )
-    return None
-
-
-# -- running a sweep -------------------------------------------------------------------------
 
 
 class Sweeper:
@@ -178,10 +64,10 @@ class Sweeper:
         known_root: Callable[[], treehealth.Identity | None] | None = None,
     ) -> None:
         self.store = store
-        # The root's identity as this process last saw it holding apps (a running service).
-        self.known_root = known_root
-        self.tree_record = TreeRecord(store.engine, settings.root)
-        self._untrusted_logged: dict[str, str] = {}
+        # One judge for every sweep: it remembers which untrusted models it has logged.
+        self._judge_tree = TreeJudge(
+            settings, TreeRecord(store.engine, settings.root), known_root
+        ).judge
         self.settings = settings
         self.instance_id = instance_id
         self.sender = self if sender is None else sender
@@ -394,102 +280,6 @@ class Sweeper:
             cutoff = now - timedelta(days=settings.journal_retention_days)
             self._report_progress("journal", 0, 0)
             report.journal_pruned = store.purge_journal(cutoff)
-
-    def _judge_tree(
-        self,
-        report: SweepReport,
-        store: Store,
-        now: datetime,
-        grace: timedelta,
-        *,
-        live: bool,
-        force: bool,
-        allow_empty_root: bool,
-        force_models: Iterable[str],
-    ) -> tuple[list[AppKey], set[AppKey]]:
-        """Scan the tree, ask treehealth which parts of it prove absence, and apply the guard:
-        the orphan keys and the apps present, or SweepRefused."""
-        settings, root = self.settings, self.settings.root
-        root_ok = treehealth.look_at_root(root, settings.root_marker).seen is Seen.DIRECTORY
-        scan = scan_tree(root) if root_ok else Scan(set(), frozenset(), root_listed=False)
-        present = scan.present
-        if scan.unreadable:
-            log.warning(
-                "%d model directories could not be listed; their apps are left alone: %s",
-                len(scan.unreadable),
-                ", ".join(printable(slug) for slug in sorted(scan.unreadable)[:5]),
-            )
-        rows = store.app_rows(young_after=now - grace)
-        report.app_keys, report.app_dirs = len(rows), len(present)
-        report.app_rows = sum(row[2] for row in rows)
-        report.unreadable_dirs = len(scan.unreadable)
-        row_slugs = Counter(row[0] for row in rows)
-        recorded = self._recorded_tree(live)
-        known = dict(recorded)
-        if self.known_root is not None and (seen := self.known_root()) is not None:
-            known[None] = seen  # this process saw it holding apps more recently than any sweep
-        health = treehealth.assess(
-            root,
-            marker=settings.root_marker,
-            root_listed=root_ok and scan.root_listed,
-            present=present,
-            unreadable=scan.unreadable,
-            row_slugs=row_slugs,
-            known=known,
-            allow_empty_root=allow_empty_root,
-            force_models=force_models,
-        )
-        untrusted = {
-            slug: reason
-            for slug, reason in health.untrusted.items()
-            if reason != treehealth.MODEL_UNREADABLE
-        }
-        report.untrusted_models = sorted(untrusted)
-        report.untrusted_rows = sum(row[2] for row in rows if row[0] in untrusted)
-        candidates = (
-            orphan_keys(present, rows, health.untrusted) if settings.cleanup_orphan_apps else []
-        )
-        refusal = guard(
-            root_problem=health.root_problem,
-            rows=len(rows),
-            orphans=len(candidates),
-            max_fraction=settings.max_delete_fraction,
-            # An operator who says the root is really empty has said every row goes.
-            force=force or (allow_empty_root and not present),
-        )
-        if refusal is not None:
-            if health.root_problem is not None:
-                # A path with a newline (or bytes that are not UTF-8) is quoted: one line.
-                shown = str(root) if str(root).isprintable() else repr(str(root))
-                refusal = f"{shown}: {refusal}"
-            log.warning("sweep refused: %s", refusal)
-            raise SweepRefused(refusal)
-        if untrusted != self._untrusted_logged:
-            self._untrusted_logged = untrusted
-            if untrusted:
-                log.warning(
-                    "%d model directories do not prove their apps absent (a volume mounted over"
-                    " or under them, or no app while rows exist); their %d rows are left alone"
-                    " (--force-model SLUG to sweep one): %s",
-                    len(untrusted),
-                    report.untrusted_rows,
-                    ", ".join(
-                        f"{printable(slug)} ({why})" for slug, why in sorted(untrusted.items())
-                    ),
-                )
-        if live:
-            self.tree_record.save(
-                health.seen_holding_apps, forget=health.absent_models, known=recorded, now=now
-            )
-        return candidates, present
-
-    def _recorded_tree(self, live: bool) -> dict[str | None, treehealth.Identity]:
-        try:
-            return self.tree_record.load()
-        except sa.exc.DBAPIError:
-            if live:
-                raise
-            return {}  # a dry run on a database whose tool tables were never created
 
     @staticmethod
     def _record(report: SweepReport, rule: rules.TaskRule, count: int, kept: int) -> None:

@@ -22,7 +22,9 @@ from fswatch_sync.records import Lease
 from fswatch_sync.schema import journal_table
 from fswatch_sync.settings import Settings
 from fswatch_sync.store import Store
-from fswatch_sync.sweep import Sweeper, SweepReport, guard
+from fswatch_sync.sweep import Sweeper
+from fswatch_sync.sweep_plan import guard
+from fswatch_sync.sweep_report import SweepReport
 
 REPORT_KEYS = ("orphan_apps", "orphan_tasks", "stuck_tasks", "old_tasks")
 CONSOLE_SCRIPT = Path(sys.executable).parent / "fswatch-sync"
@@ -442,12 +444,12 @@ def test_sweep_report_json_keys() -> None:
 def test_journal_app_selection_uses_the_layout_rules(
     text: str, expected: tuple[str, int] | None
 ) -> None:
-    from fswatch_sync import cli as cli_module
+    from fswatch_sync.cli_args import build_parser, selection_from
     from fswatch_sync.errors import SettingsError
 
-    args = cli_module.build_parser().parse_args(["journal", "--app", text])
+    args = build_parser().parse_args(["journal", "--app", text])
     if expected is None:
         with pytest.raises(SettingsError, match="--app"):
-            cli_module._selection(args)
+            selection_from(args)
     else:
-        assert cli_module._selection(args).app == expected
+        assert selection_from(args).app == expected

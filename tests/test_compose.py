@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from fswatch_sync.cli import _settings_from, build_parser
+from fswatch_sync.cli_args import build_parser, settings_from
 from fswatch_sync.settings import Settings
 
 COMPOSE = Path(__file__).resolve().parent.parent / "docs" / "compose.yaml"
@@ -63,7 +63,7 @@ def resolve(
             patch.delenv(name)
         for name, value in environ.items():
             patch.setenv(name, value)
-        return argv, _settings_from(args)
+        return argv, settings_from(args)
 
 
 def test_compose_file_is_yaml_with_the_expected_services(compose: dict[str, Any]) -> None:

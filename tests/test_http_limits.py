@@ -26,7 +26,7 @@ from fswatch_sync.layout import AppKey
 from fswatch_sync.service import Service
 from fswatch_sync.settings import load_settings
 from fswatch_sync.store import Store
-from fswatch_sync.sweep import SweepReport
+from fswatch_sync.sweep_report import SweepReport
 
 SLUG = "model"
 TOKEN = "token-in-a-query-string"

@@ -19,7 +19,7 @@ from fswatch_sync.layout import AppKey
 from fswatch_sync.schema import SchemaConfig, default_host_metadata
 from fswatch_sync.settings import Settings
 from fswatch_sync.store import AppRow, BatchSizer
-from fswatch_sync.sweep import guard, orphan_keys
+from fswatch_sync.sweep_plan import guard, orphan_keys
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 DIALECTS: dict[str, sa.Dialect] = {

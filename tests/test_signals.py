@@ -36,7 +36,7 @@ from fswatch_sync import db, signals
 from fswatch_sync.layout import AppKey
 from fswatch_sync.service import Service
 from fswatch_sync.store import TaskChange
-from fswatch_sync.sweep import SweepReport
+from fswatch_sync.sweep_report import SweepReport
 
 SPEC_SIGNALS = (
     "app_removed",

@@ -28,7 +28,17 @@ from helpers import (
     wait_until,
 )
 
-from fswatch_sync import __version__, cli, db
+from fswatch_sync import (
+    __version__,
+    cli,
+    cli_args,
+    cli_store,
+    db,
+    errors,
+    sweep,
+    sweep_plan,
+    sweep_report,
+)
 from fswatch_sync.errors import SettingsError
 from fswatch_sync.layout import AppKey
 from fswatch_sync.schema import SchemaConfig, tool_metadata
@@ -438,6 +448,21 @@ def test_version(scratch: Path) -> None:
     result = run_cli(["--version"], scratch)
     assert result.returncode == 0
     assert result.stdout.strip() == f"fswatch-sync {__version__}"
+
+
+def test_public_names_are_importable_from_cli_and_sweep() -> None:
+    """Callers import these from ``fswatch_sync.cli`` and ``fswatch_sync.sweep``, whichever
+    module defines them."""
+    for module in (cli, sweep):
+        assert all(hasattr(module, name) for name in module.__all__), module.__name__
+    assert cli.build_parser is cli_args.build_parser
+    assert cli.DatabaseNotReady is cli_store.DatabaseNotReady
+    assert (cli.EXIT_OK, cli.EXIT_FAILURE, cli.EXIT_SETTINGS, cli.EXIT_REFUSED) == (0, 1, 2, 3)
+    assert sweep.SweepReport is sweep_report.SweepReport
+    assert (sweep.guard, sweep.orphan_keys) == (sweep_plan.guard, sweep_plan.orphan_keys)
+    assert (sweep.SweepRefused, sweep.SweepInterrupted) == (
+        errors.SweepRefused, errors.SweepInterrupted
+    )
 
 
 def test_a_refused_sweep_reports_what_the_guard_saw(scratch: Path, sqlite_db: str) -> None:

@@ -25,7 +25,8 @@ from fswatch_sync.layout import AppKey
 from fswatch_sync.schema import journal_table
 from fswatch_sync.settings import Settings
 from fswatch_sync.store import Store
-from fswatch_sync.sweep import Sweeper, SweepReport
+from fswatch_sync.sweep import Sweeper
+from fswatch_sync.sweep_report import SweepReport
 
 MIN = timedelta(minutes=1)
 HOUR = timedelta(hours=1)
