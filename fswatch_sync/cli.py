@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 
 from fswatch_sync import __version__, db, journal, migrations, records
+from fswatch_sync.dburl import redact_url
 from fswatch_sync.errors import (
     FswatchSyncError,
     LeaseUnavailable,
@@ -28,7 +29,8 @@ from fswatch_sync.errors import (
 )
 from fswatch_sync.layout import is_safe_slug, parse_app_dir_name
 from fswatch_sync.schema import tool_metadata
-from fswatch_sync.settings import SECRET_SETTINGS, SPECS, Settings, load_settings, redact_url
+from fswatch_sync.settings import Settings, load_settings
+from fswatch_sync.settingspecs import SECRET_SETTINGS, SPECS
 from fswatch_sync.store import Store
 from fswatch_sync.sweep import Sweeper, SweepReport
 from fswatch_sync.text import first_line, printable
