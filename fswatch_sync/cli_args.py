@@ -15,7 +15,8 @@ from typing import Any, NoReturn
 from fswatch_sync import __version__, db, journal
 from fswatch_sync.errors import SettingsError
 from fswatch_sync.layout import is_safe_slug, parse_app_dir_name
-from fswatch_sync.settings import SECRET_SETTINGS, SPECS, Settings, load_settings
+from fswatch_sync.settings import Settings, load_settings
+from fswatch_sync.settingspecs import SECRET_SETTINGS, SPECS
 
 PROG = "fswatch-sync"
 EXIT_OK, EXIT_FAILURE, EXIT_SETTINGS, EXIT_REFUSED = 0, 1, 2, 3

@@ -33,8 +33,9 @@ from fswatch_sync.cli_output import (
     write_sweep,
 )
 from fswatch_sync.cli_store import open_existing_store, open_store, track
+from fswatch_sync.dburl import redact_url
 from fswatch_sync.errors import SweepRefused
-from fswatch_sync.settings import Settings, redact_url
+from fswatch_sync.settings import Settings
 from fswatch_sync.store import Store
 from fswatch_sync.sweep import Sweeper
 from fswatch_sync.sweep_report import SweepReport

@@ -12,9 +12,10 @@ import os
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from fswatch_sync.dburl import redact_url
 from fswatch_sync.errors import FswatchSyncError
 from fswatch_sync.schema import tool_metadata
-from fswatch_sync.settings import Settings, redact_url
+from fswatch_sync.settings import Settings
 from fswatch_sync.store import Store
 
 

@@ -46,7 +46,9 @@ from flask.cli import AppGroup, with_appcontext
 from fswatch_sync import cli
 from fswatch_sync.errors import SettingsError
 from fswatch_sync.service import Service
-from fswatch_sync.settings import CONFIG_ENV, SPECS, load_settings, read_config_file
+from fswatch_sync.settings import load_settings
+from fswatch_sync.settingsources import CONFIG_ENV, read_config_file
+from fswatch_sync.settingspecs import SPECS
 
 log = logging.getLogger(__name__)
 

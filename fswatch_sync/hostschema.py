@@ -16,7 +16,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import NoSuchTableError
 
 from fswatch_sync.errors import SettingsError
-from fswatch_sync.schema import SchemaConfig
+from fswatch_sync.schemaconfig import SchemaConfig
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 from fswatch_sync.errors import LeaseUnavailable, SettingsError, SweepRefused
 from fswatch_sync.records import LeaseLost
-from fswatch_sync.settings import Settings, is_loopback, parse_bind
+from fswatch_sync.settings import Settings
+from fswatch_sync.settingspecs import is_loopback, parse_bind
 from fswatch_sync.stats import COUNTERS, SWEEP_DURATION_BUCKETS
 
 if TYPE_CHECKING:

@@ -27,9 +27,11 @@ from typing import Any
 import sqlalchemy as sa
 
 from fswatch_sync import db
+from fswatch_sync.defaulttables import default_host_metadata
 from fswatch_sync.errors import LeaseUnavailable
 from fswatch_sync.records import Lease
-from fswatch_sync.schema import SchemaConfig, default_host_metadata, sweeps_table
+from fswatch_sync.schema import sweeps_table
+from fswatch_sync.schemaconfig import SchemaConfig
 from fswatch_sync.settings import Settings
 from fswatch_sync.store import Store
 from fswatch_sync.sweep import Sweeper

@@ -19,8 +19,8 @@ from helpers import init_database, probe_engine, sqlite_url
 from sqlalchemy.engine import Engine
 
 from fswatch_sync import db
+from fswatch_sync.dburl import redact_url
 from fswatch_sync.layout import AppKey
-from fswatch_sync.settings import redact_url
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "FSWATCH_SYNC_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"

@@ -24,14 +24,10 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 
 from fswatch_sync import db
+from fswatch_sync.defaulttables import default_host_metadata
 from fswatch_sync.layout import AppKey
-from fswatch_sync.schema import (
-    SchemaConfig,
-    default_host_metadata,
-    instances_table,
-    journal_table,
-    sweeps_table,
-)
+from fswatch_sync.schema import instances_table, journal_table, sweeps_table
+from fswatch_sync.schemaconfig import SchemaConfig
 from fswatch_sync.service import Service
 from fswatch_sync.settings import Settings
 from fswatch_sync.store import RemovalOutcome, Store

@@ -18,10 +18,12 @@ from flask import Flask
 from helpers import wait_until
 
 from fswatch_sync import db, signals
+from fswatch_sync.defaulttables import default_host_metadata
 from fswatch_sync.errors import SettingsError
 from fswatch_sync.flask import FswatchSync
 from fswatch_sync.layout import AppKey
-from fswatch_sync.schema import SchemaConfig, default_host_metadata, sweeps_table
+from fswatch_sync.schema import sweeps_table
+from fswatch_sync.schemaconfig import SchemaConfig
 from fswatch_sync.service import Service
 from fswatch_sync.store import Store, TaskChange
 

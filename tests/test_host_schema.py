@@ -45,7 +45,8 @@ from fswatch_sync import cli, rules
 from fswatch_sync.errors import SettingsError
 from fswatch_sync.hostschema import reflect_host_tables
 from fswatch_sync.layout import AppKey
-from fswatch_sync.schema import SchemaConfig, journal_table
+from fswatch_sync.schema import journal_table
+from fswatch_sync.schemaconfig import SchemaConfig
 from fswatch_sync.settings import Settings, load_settings
 from fswatch_sync.store import Store
 from fswatch_sync.sweep import Sweeper

@@ -18,11 +18,13 @@ from helpers import wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from fswatch_sync import cli, db
+from fswatch_sync.defaulttables import default_host_metadata
 from fswatch_sync.errors import SettingsError
 from fswatch_sync.http import HttpServer, serve, token_matches
 from fswatch_sync.layout import AppKey
 from fswatch_sync.records import Lease
-from fswatch_sync.schema import SchemaConfig, default_host_metadata, sweeps_table
+from fswatch_sync.schema import sweeps_table
+from fswatch_sync.schemaconfig import SchemaConfig
 from fswatch_sync.service import Service
 from fswatch_sync.settings import Settings, load_settings
 from fswatch_sync.store import Store

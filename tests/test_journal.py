@@ -365,7 +365,7 @@ def test_restore_puts_back_every_column_type_of_a_host_row(engine: Engine, now: 
     from datetime import time
     from decimal import Decimal
 
-    from fswatch_sync.schema import SchemaConfig
+    from fswatch_sync.schemaconfig import SchemaConfig
 
     typed_metadata.create_all(engine)
     row = {

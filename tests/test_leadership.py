@@ -26,15 +26,11 @@ from helpers import wait_until
 from sqlalchemy.engine import Engine
 
 from fswatch_sync import db, signals
+from fswatch_sync.defaulttables import default_host_metadata
 from fswatch_sync.layout import AppKey
 from fswatch_sync.records import Lease, LeaseLost
-from fswatch_sync.schema import (
-    SchemaConfig,
-    default_host_metadata,
-    journal_table,
-    leases_table,
-    sweeps_table,
-)
+from fswatch_sync.schema import journal_table, leases_table, sweeps_table
+from fswatch_sync.schemaconfig import SchemaConfig
 from fswatch_sync.settings import Settings
 from fswatch_sync.store import Store
 from fswatch_sync.sweep import Sweeper

@@ -33,8 +33,9 @@ import pytest
 import sqlalchemy as sa
 from helpers import wait_until
 
-from fswatch_sync.schema import SchemaConfig, default_host_metadata
-from fswatch_sync.settings import SPECS
+from fswatch_sync.defaulttables import default_host_metadata
+from fswatch_sync.schemaconfig import SchemaConfig
+from fswatch_sync.settingspecs import SPECS
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()

@@ -1,7 +1,9 @@
-"""Settings: defaults, environment, TOML file, flags, precedence, seed aliases, bad values."""
+"""Settings: defaults, environment, TOML file, flags, precedence, seed aliases, bad values, and
+the modules user code imports their names from."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -372,3 +374,29 @@ def test_cli_reads_the_config_file_by_flag_and_by_variable(workdir: Path) -> Non
         assert result.returncode == 0, result.stderr
         assert database.exists(), name
         assert str(database) in result.stdout
+
+
+# Names user code imports from fswatch_sync.settings and fswatch_sync.schema, by the module that
+# defines them.
+IMPORTED_FROM = {
+    ("settings", "dburl"): "redact_url",
+    ("settings", "settingsources"): "CONFIG_ENV MAX_CONFIG_BYTES read_config_file"
+    " unknown_environment",
+    ("settings", "settingspecs"): "ENV_PREFIX MAX_BATCH_SIZE MAX_DURATION_YEARS MAX_PENDING_EVENTS"
+    " OBSERVER_KINDS SECRET_SETTINGS SPECS Parser SettingSpec is_loopback parse_bind",
+    ("schema", "schemaconfig"): "DEPENDENT_POLICIES MAX_TEMPLATE_LENGTH AppColumns Dependent"
+    " Messages SchemaConfig Statuses TaskColumns",
+    ("schema", "defaulttables"): "default_host_metadata",
+}
+
+
+@pytest.mark.parametrize(
+    ("imported_from", "home", "name"),
+    [(old, home, name) for (old, home), names in IMPORTED_FROM.items() for name in names.split()],
+)
+def test_names_import_from_where_user_code_imports_them(
+    imported_from: str, home: str, name: str
+) -> None:
+    public = importlib.import_module(f"fswatch_sync.{imported_from}")
+    assert name in public.__all__
+    assert getattr(public, name) is getattr(importlib.import_module(f"fswatch_sync.{home}"), name)

@@ -39,10 +39,13 @@ from fswatch_sync import (
     sweep_plan,
     sweep_report,
 )
+from fswatch_sync.dburl import redact_url
 from fswatch_sync.errors import SettingsError
 from fswatch_sync.layout import AppKey
-from fswatch_sync.schema import SchemaConfig, tool_metadata
-from fswatch_sync.settings import MAX_CONFIG_BYTES, load_settings, redact_url
+from fswatch_sync.schema import tool_metadata
+from fswatch_sync.schemaconfig import SchemaConfig
+from fswatch_sync.settings import load_settings
+from fswatch_sync.settingsources import MAX_CONFIG_BYTES
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "hunter2-secret"

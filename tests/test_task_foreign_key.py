@@ -9,7 +9,8 @@ from sqlalchemy.engine import Engine
 
 from fswatch_sync import db
 from fswatch_sync.layout import AppKey
-from fswatch_sync.schema import SchemaConfig, journal_table
+from fswatch_sync.schema import journal_table
+from fswatch_sync.schemaconfig import SchemaConfig
 from fswatch_sync.store import Store
 
 CONFIG = {"apps_table": "host_apps", "tasks_table": "host_tasks"}

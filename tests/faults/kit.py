@@ -36,15 +36,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from fswatch_sync import db
+from fswatch_sync.defaulttables import default_host_metadata
 from fswatch_sync.layout import AppKey
-from fswatch_sync.schema import (
-    SchemaConfig,
-    default_host_metadata,
-    instances_table,
-    journal_table,
-    leases_table,
-    sweeps_table,
-)
+from fswatch_sync.schema import instances_table, journal_table, leases_table, sweeps_table
+from fswatch_sync.schemaconfig import SchemaConfig
 from fswatch_sync.store import Store
 
 HOST = default_host_metadata(SchemaConfig())

@@ -30,8 +30,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from fswatch_sync import images
+from fswatch_sync.defaulttables import default_host_metadata
 from fswatch_sync.layout import AppKey
-from fswatch_sync.schema import SchemaConfig, default_host_metadata, journal_table
+from fswatch_sync.schema import journal_table
+from fswatch_sync.schemaconfig import SchemaConfig
 
 HOST = default_host_metadata(SchemaConfig())
 APPS = HOST.tables["generated_applications"]
