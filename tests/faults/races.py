@@ -328,7 +328,7 @@ def recording_app_exists(log: Log) -> Iterator[Callable[[Path, list[AppKey]], se
     try:
         yield recorded
     finally:
-        names["app_exists"] = original
+        names["apps_present"] = original
 
 
 def sweep_once(store: Store, settings: Settings) -> tuple[list[AppKey], list[TaskChange]]:
