@@ -25,7 +25,7 @@ apps, each model directory as its watch was made) or from identities the sweep r
 ``fswatch_sync_tree`` (one row per directory, per host and root, so hosts that see one network
 share under different device numbers never compare each other's).
 
-A removal the kernel itself reported (``watcher.AppGone.reported``: a directory unlinked from, or
+A removal the kernel itself reported (``hints.AppGone.reported``: a directory unlinked from, or
 moved out of, its watched model directory on the root's device) needs none of this: no unmount
 can produce one, so the reactor applies it even when the root is gone by the time it gets to it.
 """

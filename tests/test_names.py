@@ -40,12 +40,12 @@ from sqlalchemy import BigInteger, Column, DateTime, Integer, String, Table, Tex
 from sqlalchemy.engine import Engine
 
 from fswatch_sync import db
+from fswatch_sync.hints import AppGone
 from fswatch_sync.layout import AppKey
 from fswatch_sync.schema import journal_table
 from fswatch_sync.store import Store
 from fswatch_sync.sweep import Sweeper
 from fswatch_sync.text import printable
-from fswatch_sync.watcher import AppGone
 
 # Legal directory names an older slug rule refused (``~``, ``\``) or that carry what a printed
 # line must not (a newline, a tab, a terminal escape). None differs from another only in case or

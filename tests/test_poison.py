@@ -43,13 +43,13 @@ from sqlalchemy.engine import Engine
 
 from fswatch_sync import db
 from fswatch_sync.defaulttables import default_host_metadata
+from fswatch_sync.hints import AppGone
 from fswatch_sync.layout import AppKey
 from fswatch_sync.reactor import Reactor
 from fswatch_sync.schemaconfig import SchemaConfig
 from fswatch_sync.stats import Stats
 from fswatch_sync.store import RemovalOutcome, Store
 from fswatch_sync.sweep import Sweeper
-from fswatch_sync.watcher import AppGone
 
 POISON = AppKey(SLUG, 666)
 # An ordinary removal is applied within this, poison or not (it takes milliseconds).

@@ -29,11 +29,11 @@ from helpers import (
 from sqlalchemy.engine import Engine
 
 from fswatch_sync import db, signals
+from fswatch_sync.hints import AppGone, ModelGone
 from fswatch_sync.layout import AppKey
 from fswatch_sync.reactor import Reactor
 from fswatch_sync.stats import Stats
 from fswatch_sync.store import Store
-from fswatch_sync.watcher import AppGone, ModelGone
 
 KEYS = [AppKey(SLUG, n) for n in (1, 2, 3, 4, 5)] + [AppKey(OTHER_SLUG, 1)]
 

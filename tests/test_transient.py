@@ -22,11 +22,11 @@ from helpers import SLUG, app_state, has_row, init_database, seed_app, stays_fal
 from sqlalchemy.engine import Engine
 
 from fswatch_sync import db
+from fswatch_sync.hints import AppGone
 from fswatch_sync.layout import AppKey
 from fswatch_sync.reactor import Reactor
 from fswatch_sync.stats import Stats
 from fswatch_sync.store import Store
-from fswatch_sync.watcher import AppGone
 
 
 def _free_port() -> int:

@@ -42,6 +42,7 @@ from sqlalchemy.engine import Engine
 
 from fswatch_sync import db, treehealth
 from fswatch_sync.errors import SweepRefused
+from fswatch_sync.hints import AppGone, Hint, ModelGone
 from fswatch_sync.layout import AppKey
 from fswatch_sync.schema import journal_table, tree_table
 from fswatch_sync.service import Service
@@ -49,7 +50,7 @@ from fswatch_sync.settings import Settings
 from fswatch_sync.store import Store
 from fswatch_sync.sweep import Sweeper
 from fswatch_sync.treehealth import Look, Seen
-from fswatch_sync.watcher import AppGone, Hint, ModelGone, Watcher
+from fswatch_sync.watcher import Watcher
 
 SLUG, OTHER = "openai_gpt-4", "anthropic_claude-3"
 ROOT_ID, MOUNT_ID = (100, 2), (200, 1)

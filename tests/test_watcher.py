@@ -19,8 +19,10 @@ from helpers import wait_until
 from watchdog.events import DirModifiedEvent
 from watchdog.observers.inotify_c import InotifyConstants, InotifyEvent, WatchDescriptor
 
+from fswatch_sync.hints import AppGone, Hint, ModelGone
 from fswatch_sync.layout import AppKey
-from fswatch_sync.watcher import AppGone, Hint, ModelGone, Watcher, choose_observer_kind
+from fswatch_sync.observers import choose_observer_kind
+from fswatch_sync.watcher import Watcher
 
 SLUG = "openai_gpt-4"
 
