@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from fswatch_sync import signals
-from fswatch_sync.store import RemovalOutcome, TaskChange
+from fswatch_sync.outcomes import RemovalOutcome, TaskChange
 
 
 def removal(sender: Any, outcome: RemovalOutcome, source: str) -> None:

@@ -21,12 +21,14 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
 from fswatch_sync import db
+from fswatch_sync.batching import BatchSizer
 from fswatch_sync.hostschema import HostTables, ResolvedDependent
 from fswatch_sync.images import JOURNAL_COLUMNS, JournalWriter
 from fswatch_sync.layout import AppKey
+from fswatch_sync.outcomes import RuleOutcome, TaskChange
 from fswatch_sync.rules import Delete, SetStatus, TaskRule
 from fswatch_sync.schema import journal_table
-from fswatch_sync.store import BatchSizer, RuleOutcome, Store, TaskChange
+from fswatch_sync.store import Store
 from fswatch_sync.text import first_line
 
 log = logging.getLogger(__name__)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fswatch_sync import announce, db, treehealth
+from fswatch_sync.batching import chunks
 from fswatch_sync.hintqueue import (
     FIRST_BACKOFF_SECONDS,
     MAX_BACKOFF_SECONDS,
@@ -28,8 +29,9 @@ from fswatch_sync.hintqueue import (
 )
 from fswatch_sync.hints import Hint
 from fswatch_sync.layout import AppKey, any_app_dir, app_exists, apps_present, scan_tree
+from fswatch_sync.outcomes import RemovalOutcome
 from fswatch_sync.stats import Stats
-from fswatch_sync.store import RemovalOutcome, Store, chunks
+from fswatch_sync.store import Store
 from fswatch_sync.text import first_line, printable
 
 __all__ = [

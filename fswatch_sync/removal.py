@@ -19,12 +19,14 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
 from fswatch_sync import db, rules
+from fswatch_sync.batching import BatchSizer
 from fswatch_sync.changes import change_tasks, follow_policy
 from fswatch_sync.images import JournalWriter
 from fswatch_sync.layout import AppKey
 from fswatch_sync.marks import Marks
+from fswatch_sync.outcomes import RemovalOutcome
 from fswatch_sync.rules import app_keys, task_keys
-from fswatch_sync.store import BatchSizer, RemovalOutcome, Store
+from fswatch_sync.store import Store
 from fswatch_sync.text import first_line
 
 log = logging.getLogger(__name__)

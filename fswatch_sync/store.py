@@ -14,20 +14,21 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import ColumnElement, Select
 from sqlalchemy.engine import Connection, Engine
 
 from fswatch_sync import db, wal
+from fswatch_sync.batching import BatchSizer, chunks
 from fswatch_sync.hostschema import HostTables, reflect_host_tables
 from fswatch_sync.layout import AppKey
 from fswatch_sync.marks import Marks
+from fswatch_sync.outcomes import AppRow, RemovalOutcome, RuleOutcome, TaskChange
 from fswatch_sync.rules import TaskRule, keys_clause, young_row
 from fswatch_sync.schema import SchemaConfig, default_host_metadata, journal_table, tool_metadata
 from fswatch_sync.settings import Settings
@@ -37,114 +38,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 CommitCheck = Callable[[Connection], None]
 
-# Bounds of the adaptive batch: a bound parameter per row, and SQLite allows 32766 per statement.
-MIN_BATCH = 20
-MAX_BATCH = 20_000
-
 __all__ = [
     "AppRow", "RemovalOutcome", "RuleOutcome", "Store", "TaskChange", "chunks", "keys_clause"
 ]
-
-
-@dataclass(frozen=True)
-class TaskChange:
-    """One task whose status the tool changed (or, in a dry run, would change)."""
-
-    pk: Any
-    task_id: str
-    key: AppKey
-    old_status: str
-    new_status: str
-
-
-@dataclass
-class RemovalOutcome:
-    """What a call to :meth:`Store.remove_apps` did (counts are of keys unless named rows)."""
-
-    removed: list[AppKey] = field(default_factory=list)
-    removed_rows: int = 0
-    # Every cancelled task is counted; each is listed only when asked for (signals).
-    cancelled_count: int = 0
-    cancelled: list[TaskChange] = field(default_factory=list)
-    blocked: list[AppKey] = field(default_factory=list)
-    present: list[AppKey] = field(default_factory=list)
-    marked: list[AppKey] = field(default_factory=list)
-    # Keys the database refused to change (a host constraint, a trigger): left for a later try.
-    failed: list[AppKey] = field(default_factory=list)
-    dependents_deleted: int = 0
-    dependents_nullified: int = 0
-
-    def extend(self, other: RemovalOutcome) -> None:
-        self.removed += other.removed
-        self.removed_rows += other.removed_rows
-        self.cancelled_count += other.cancelled_count
-        self.cancelled += other.cancelled
-        self.blocked += other.blocked
-        self.present += other.present
-        self.marked += other.marked
-        self.failed += other.failed
-        self.dependents_deleted += other.dependents_deleted
-        self.dependents_nullified += other.dependents_nullified
-
-
-@dataclass
-class RuleOutcome:
-    """What one task rule did: how many rows, and each change when they were asked for."""
-
-    name: str
-    count: int = 0
-    kept: int = 0
-    # Rows the database refused to change (each isolated and skipped; the next sweep retries).
-    failed: int = 0
-    changes: list[TaskChange] = field(default_factory=list)
-
-
-class AppRow(NamedTuple):
-    """One app key as the sweep reads it: its rows, and whether the youngest is in the grace."""
-
-    model_slug: str
-    app_number: int
-    rows: int
-    young: int
-
-
-def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-class _BulkPass:
-    """The commits of a bulk pass since its last checkpoint."""
-
-    def __init__(self) -> None:
-        self.commits = 0
-
-    def after(self, connection: Connection, *, committed: bool) -> None:
-        if committed:
-            self.commits += 1
-        due = self.commits >= wal.BULK_COMMITS
-        if due:
-            self.commits = 0
-        if committed or not connection.invalidated:
-            wal.after_commit(connection, checkpoint=due)
-
-
-class BatchSizer:
-    """A batch size that follows the time budget: rows per transaction grow while batches end
-    well inside ``budget`` seconds and shrink when one overruns it."""
-
-    def __init__(self, initial: int, budget: float) -> None:
-        self.size = max(1, min(initial, MAX_BATCH))
-        self.minimum = min(self.size, MIN_BATCH)
-        self.budget = budget
-
-    def record(self, rows: int, seconds: float) -> None:
-        if rows <= 0 or seconds <= 0:
-            return
-        # Aim at 70% of the budget; at most double or quarter per step, so one odd batch (a
-        # checkpoint, a cold cache) cannot swing the size far.
-        target = int(rows * self.budget * 0.7 / seconds)
-        self.size = max(self.minimum, min(MAX_BATCH, self.size * 2, max(self.size // 4, target)))
 
 
 class Store:
@@ -170,7 +66,7 @@ class Store:
         # Set while rehearsing (a dry run): every batch runs on this connection, rolled back.
         self._rehearsal: Connection | None = None
         # Set on a sweep's store: its commits since the last checkpoint (see fswatch_sync.wal).
-        self._bulk: _BulkPass | None = None
+        self._bulk: wal.BulkPass | None = None
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -219,7 +115,7 @@ class Store:
         write-ahead log to grow, and it is checkpointed every few commits and at the end of
         each pass (:meth:`end_pass`), outside any write transaction."""
         clone = copy.copy(self)
-        clone._bulk = _BulkPass()
+        clone._bulk = wal.BulkPass()
         return clone
 
     def end_pass(self) -> None:

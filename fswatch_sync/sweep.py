@@ -25,9 +25,10 @@ from sqlalchemy.engine import Connection
 from fswatch_sync import announce, db, rules, signals, treehealth
 from fswatch_sync.errors import SweepInterrupted, SweepRefused
 from fswatch_sync.layout import apps_present
+from fswatch_sync.outcomes import TaskChange
 from fswatch_sync.records import Lease, SweepLog
 from fswatch_sync.settings import Settings
-from fswatch_sync.store import Store, TaskChange
+from fswatch_sync.store import Store
 from fswatch_sync.sweep_plan import guard, orphan_keys
 from fswatch_sync.sweep_report import SweepReport
 from fswatch_sync.sweep_tree import TreeJudge

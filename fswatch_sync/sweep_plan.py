@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 from fswatch_sync import treehealth
 from fswatch_sync.layout import AppKey
-from fswatch_sync.store import AppRow
+from fswatch_sync.outcomes import AppRow
 
 
 def orphan_keys(

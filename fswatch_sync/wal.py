@@ -51,3 +51,19 @@ def after_commit(connection: Connection, *, checkpoint: bool) -> None:
 def checkpoint(connection: Connection) -> None:
     """A PASSIVE checkpoint now (no transaction open on ``connection``)."""
     _driver(connection).execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+
+class BulkPass:
+    """The commits of a bulk pass since its last checkpoint."""
+
+    def __init__(self) -> None:
+        self.commits = 0
+
+    def after(self, connection: Connection, *, committed: bool) -> None:
+        if committed:
+            self.commits += 1
+        due = self.commits >= BULK_COMMITS
+        if due:
+            self.commits = 0
+        if committed or not connection.invalidated:
+            after_commit(connection, checkpoint=due)

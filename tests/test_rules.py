@@ -14,12 +14,13 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 
 from fswatch_sync import db, images, rules, signals
+from fswatch_sync.batching import BatchSizer
 from fswatch_sync.defaulttables import default_host_metadata
 from fswatch_sync.hostschema import HostTables, ResolvedDependent
 from fswatch_sync.layout import AppKey
+from fswatch_sync.outcomes import AppRow
 from fswatch_sync.schemaconfig import SchemaConfig
 from fswatch_sync.settings import Settings
-from fswatch_sync.store import AppRow, BatchSizer
 from fswatch_sync.sweep_plan import guard, orphan_keys
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
