@@ -112,15 +112,15 @@ class Store:
 
     def bulk(self) -> Store:
         """The same store for a bulk pass (a sweep): on SQLite its commits leave the
-        write-ahead log to grow, and it is checkpointed every few commits and at the end of
-        each pass (:meth:`end_pass`), outside any write transaction."""
+        write-ahead log to grow, and it is checkpointed every few commits and when the pass is
+        over (:meth:`end_bulk`), outside any write transaction."""
         clone = copy.copy(self)
         clone._bulk = wal.BulkPass()
         return clone
 
-    def end_pass(self) -> None:
-        """A bulk pass's phase is over: checkpoint what its commits left in the log."""
-        if self._bulk is None or self._bulk.commits == 0 or self._rehearsal is not None:
+    def end_bulk(self) -> None:
+        """The bulk pass is over: checkpoint what its commits left in the log."""
+        if self._bulk is None or self._bulk.commits == 0 or not db.is_sqlite(self.engine):
             return
         self._bulk.commits = 0
         with self.engine.connect() as connection:
@@ -238,9 +238,7 @@ class Store:
         # Imported here: changes builds on this module's transactions and outcomes.
         from fswatch_sync.changes import apply_task_rule
 
-        outcome = apply_task_rule(self, rule, source=source, now=now, collect=collect)
-        self.end_pass()
-        return outcome
+        return apply_task_rule(self, rule, source=source, now=now, collect=collect)
 
     @contextmanager
     def _reading(self) -> Iterator[Connection]:
@@ -270,7 +268,7 @@ class Store:
         # Imported here: removal builds on this module's batches and outcomes.
         from fswatch_sync.removal import remove_apps
 
-        outcome = remove_apps(
+        return remove_apps(
             self,
             keys,
             source=source,
@@ -283,8 +281,6 @@ class Store:
             collect=collect,
             isolate=isolate,
         )
-        self.end_pass()
-        return outcome
 
     def count_marked(self) -> int:
         """How many app keys are marked missing now (waiting out the missing-since grace)."""
@@ -316,7 +312,6 @@ class Store:
             sizer.record(deleted, time.monotonic() - started)
             total += deleted
             if found == 0:
-                self.end_pass()
                 return total
 
     def _purge_journal_batch(self, cutoff: datetime, size: int) -> tuple[int, int]:

@@ -201,10 +201,13 @@ class Sweeper:
                 )
             return
         store = self.store.with_commit_check(self._commit_check).bulk()
-        self._apply(
-            store, report, now, force=force, live=True,
-            allow_empty_root=allow_empty_root, force_models=force_models,
-        )
+        try:
+            self._apply(
+                store, report, now, force=force, live=True,
+                allow_empty_root=allow_empty_root, force_models=force_models,
+            )
+        finally:
+            store.end_bulk()
 
     def _apply(
         self,

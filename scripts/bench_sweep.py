@@ -613,17 +613,29 @@ def floor_connection(url: str) -> FloorConnection:
     return _PostgresFloorConnection(url)
 
 
-def _floor_pass(connection: FloorConnection, begin: bool) -> None:
-    """Around each pass of the batched floor on SQLite, the checkpoint policy fswatch_sync's
-    sweep follows (fswatch_sync.wal): no checkpoint inside a commit during the pass, one
-    PASSIVE checkpoint after it."""
-    if not isinstance(connection, sqlite3.Connection):
-        return
-    if begin:
-        connection.execute("PRAGMA wal_autocheckpoint = 0")
-    else:
-        connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        connection.execute("PRAGMA wal_autocheckpoint = 1000")
+class _FloorCheckpoints:
+    """On SQLite, the checkpoint policy fswatch_sync's sweep follows (fswatch_sync.wal): no
+    checkpoint inside a commit, a PASSIVE one after every 25 commits and one at the end."""
+
+    def __init__(self, connection: FloorConnection) -> None:
+        self.connection = connection if isinstance(connection, sqlite3.Connection) else None
+        self.commits = 0
+        if self.connection is not None:
+            self.connection.execute("PRAGMA wal_autocheckpoint = 0")
+
+    def commit(self) -> None:
+        if self.connection is None:
+            return
+        self.commits += 1
+        if self.commits % 25 == 0:
+            self.connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    def end(self) -> None:
+        if self.connection is None:
+            return
+        if self.commits % 25:
+            self.connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        self.connection.execute("PRAGMA wal_autocheckpoint = 1000")
 
 
 def _floor_orphans(
@@ -728,7 +740,7 @@ def batched_floor_sweep(
     active = ",".join("?" * len(ACTIVE))
     terminal = ",".join("?" * len(TERMINAL))
 
-    _floor_pass(connection, begin=True)
+    checkpoints = _FloorCheckpoints(connection)
     for start in range(0, len(orphans), batch):
         part = orphans[start : start + batch]
         # One "slug = ? AND number IN (...)" term per model: answered from the (slug, number)
@@ -746,7 +758,7 @@ def batched_floor_sweep(
             [item for slug, numbers in by_slug.items() for item in (slug, *numbers)],
         ).rowcount
         connection.execute("COMMIT")
-    _floor_pass(connection, begin=False)
+        checkpoints.commit()
 
     no_app = (
         f"NOT EXISTS (SELECT 1 FROM {APPS_TABLE} a WHERE a.model_slug = {TASKS_TABLE}.target_model"
@@ -787,7 +799,6 @@ def batched_floor_sweep(
         ),
     ]
     for counter, condition, params, verb, status, message in passes:
-        _floor_pass(connection, begin=True)
         ids = [
             pk
             for (pk,) in connection.execute(
@@ -809,7 +820,8 @@ def batched_floor_sweep(
                 arguments = (status, stamp, message, *part, *params)
             counts[counter] += connection.execute(sql, arguments).rowcount
             connection.execute("COMMIT")
-        _floor_pass(connection, begin=False)
+            checkpoints.commit()
+    checkpoints.end()
     return counts
 
 

@@ -63,6 +63,7 @@ def test_a_bulk_pass_checkpoints_after_its_commits_not_inside_them(
     outcome = store.apply_task_rule(
         rules.old_tasks_rule(store.host, now - timedelta(days=30)), source="test", now=now
     )
+    store.end_bulk()
     statements = list(traced)
 
     assert outcome.count == 30
@@ -72,7 +73,7 @@ def test_a_bulk_pass_checkpoints_after_its_commits_not_inside_them(
     commits = [i for i, s in enumerate(statements) if s.strip().upper() == "COMMIT"]
     checkpoints = [i for i, s in enumerate(statements) if "wal_checkpoint" in s]
     assert len(commits) == 3
-    # One checkpoint, after the pass's last commit; none in between.
+    # One checkpoint, when the pass is over; none in between.
     assert len(checkpoints) == 1 and checkpoints[0] > commits[-1]
     # Each transaction of the pass deferred SQLite's own checkpoint.
     begins = [i for i, s in enumerate(statements) if s.startswith("BEGIN IMMEDIATE")]
