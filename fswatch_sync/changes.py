@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from typing import Any
@@ -122,35 +123,36 @@ def _task_batch(
     pk = store.host.task_col("id")
     with store._write() as connection:
         journal = JournalWriter(connection, source=source, now=now)
-        return change_tasks(
-            store,
-            connection,
-            sa.and_(db.one_of(pk, keys), rule.where),
-            rule.effect,
-            rule.action,
-            journal,
-            now,
-            collect=collect,
-        )
+        edit = TaskEdit(sa.and_(db.one_of(pk, keys), rule.where), rule.effect, rule.action, now)
+        return change_tasks(store, connection, edit, journal, collect=collect)
+
+
+@dataclass(frozen=True)
+class TaskEdit:
+    """Which tasks change (``where``), how (``effect``), as what the journal calls it
+    (``action``), and when."""
+
+    where: ColumnElement[bool]
+    effect: SetStatus | Delete
+    action: str
+    now: datetime
 
 
 def change_tasks(
     store: Store,
     connection: Connection,
-    where: ColumnElement[bool],
-    effect: SetStatus | Delete,
-    action: str,
+    edit: TaskEdit,
     journal: JournalWriter,
-    now: datetime,
     *,
     collect: bool,
 ) -> tuple[int, list[TaskChange]]:
-    """The one way tasks change: the tasks for which ``where`` holds are journalled (``action``)
-    and changed by ``effect``, in the caller's transaction, as a compare-and-set on what was
-    read. Returns (how many, each change when ``collect``)."""
+    """The one way tasks change: the tasks for which ``edit.where`` holds are journalled and
+    changed, in the caller's transaction, as a compare-and-set on what was read. Returns (how
+    many, each change when ``collect``)."""
     host = store.host
+    where, effect, action, now = edit.where, edit.effect, edit.action, edit.now
     if not collect and _by_row_version_applies(connection, host, effect):
-        return _change_by_row_version(host, connection, where, effect, action, journal, now), []
+        return _change_by_row_version(host, connection, edit, journal), []
     pk = host.task_col("id")
     new_status = effect.status if isinstance(effect, SetStatus) else None
     changes: list[TaskChange] = []
@@ -205,13 +207,7 @@ def _by_row_version_applies(
 
 
 def _change_by_row_version(
-    host: HostTables,
-    connection: Connection,
-    where: ColumnElement[bool],
-    effect: SetStatus | Delete,
-    action: str,
-    journal: JournalWriter,
-    now: datetime,
+    host: HostTables, connection: Connection, edit: TaskEdit, journal: JournalWriter
 ) -> int:
     """PostgreSQL: read, change and journal in one statement, without locking first.
 
@@ -223,6 +219,7 @@ def _change_by_row_version(
     """
     table = host.tasks
     pk = host.task_col("id")
+    where, effect, action, now = edit.where, edit.effect, edit.action, edit.now
     new_status = effect.status if isinstance(effect, SetStatus) else None
     quoted = connection.dialect.identifier_preparer.format_table(table)
     version: ColumnElement[Any] = sa.literal_column(f"{quoted}.xmin")

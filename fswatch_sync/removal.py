@@ -20,7 +20,7 @@ from sqlalchemy.exc import DBAPIError
 
 from fswatch_sync import db, rules
 from fswatch_sync.batching import BatchSizer
-from fswatch_sync.changes import change_tasks, follow_policy
+from fswatch_sync.changes import TaskEdit, change_tasks, follow_policy
 from fswatch_sync.images import JournalWriter
 from fswatch_sync.layout import AppKey
 from fswatch_sync.marks import Marks
@@ -242,16 +242,9 @@ def _cancel_tasks(
     effect = rules.SetStatus(
         host.config.statuses.cancelled, rules.key_message(host.config.cancel_message, host)
     )
-    count, changes = change_tasks(
-        store,
-        connection,
-        sa.and_(task_keys(host, keys), rules.active(host)),
-        effect,
-        "task_cancelled",
-        journal,
-        now,
-        collect=collect,
-    )
+    matching = sa.and_(task_keys(host, keys), rules.active(host))
+    edit = TaskEdit(matching, effect, "task_cancelled", now)
+    count, changes = change_tasks(store, connection, edit, journal, collect=collect)
     outcome.cancelled += changes
     outcome.cancelled_count += count
 
