@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -35,16 +36,17 @@ class AppKey(NamedTuple):
         return f"{printable(self.model_slug)}/app{self.app_number}"
 
 
+# "app" and ASCII digits (\d would admit other scripts' digits), no leading zero (one directory
+# per number), at most 19 digits, the most a BIGINT has. A sweep parses every app directory's name.
+_APP_DIR_NAME = re.compile(r"app(0|[1-9][0-9]{0,18})")
+
+
 def parse_app_dir_name(name: str) -> int | None:
     """``app123`` -> 123; anything else (``app``, ``app01``, ``app-1``, ``App1``) -> None."""
-    digits = name[3:]
-    # str.isdigit admits other scripts' digits; isascii keeps "app" + ASCII digits only.
-    if not (name.startswith("app") and digits.isdigit() and digits.isascii()):
+    match = _APP_DIR_NAME.fullmatch(name)
+    if match is None:
         return None
-    # No leading zero (one directory per number); at most 19 digits, the most a BIGINT has.
-    if (len(digits) > 1 and digits[0] == "0") or len(digits) > 19:
-        return None
-    number = int(digits)
+    number = int(match.group(1))
     return number if number <= MAX_APP_NUMBER else None
 
 
@@ -76,9 +78,15 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
+def has_dir(key: AppKey) -> bool:
+    """Whether ``key`` can name a directory under the root at all (a slug that could escape
+    it, or a number no directory name carries, never does)."""
+    return is_safe_slug(key.model_slug) and 0 <= key.app_number <= MAX_APP_NUMBER
+
+
 def app_dir(root: Path, key: AppKey) -> Path | None:
     """The directory of ``key`` under ``root``, or None when the slug could escape the root."""
-    if not is_safe_slug(key.model_slug) or not 0 <= key.app_number <= MAX_APP_NUMBER:
+    if not has_dir(key):
         return None
     return root / key.model_slug / f"app{key.app_number}"
 
@@ -143,7 +151,7 @@ def apps_present(root: Path, keys: Iterable[AppKey]) -> set[AppKey]:
     one look at the root and one handle per model directory, however many keys."""
     by_slug: dict[str, list[AppKey]] = {}
     for key in keys:
-        if app_dir(root, key) is not None:
+        if has_dir(key):
             by_slug.setdefault(key.model_slug, []).append(key)
     # In order, stopping at the first proof of absence: past a model "directory" that is a
     # symlink, the app would be looked up outside the root.
