@@ -4,7 +4,8 @@ Watches are non-recursive: the root, each model directory, and the root's parent
 itself vanish and come back). An app directory removed in any way — ``rm -rf``, ``rmdir``, moved
 out, renamed — is a delete or move-away event in its model directory's watch; a whole model
 directory removed is one in the root's. Generated apps hold ``node_modules`` and build trees, so
-a recursive watch would cost a kernel watch per directory below the root (see DESIGN.md).
+a recursive watch would cost a kernel watch per directory below the root (the `watch` benchmark:
+22 watches against 115,021 on such a tree).
 
 The adapter only reports *hints*; the reactor re-checks the disk and the database decides. This
 module turns watchdog's events into those hints; the watches themselves are kept by watches.py,
