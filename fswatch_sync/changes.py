@@ -1,10 +1,12 @@
 """The one way rows change: a task rule applied in keyset batches, a status set by
 compare-and-set, and the policy of the rows that point at what changes.
 
-A batch is one transaction of a few statements: lock the batch's rows (keyset by primary key),
-journal them with ``INSERT ... SELECT`` (the database builds each before-image), then update or
-delete exactly those rows, whose count must match. The removal of apps (removal.py) uses the
-same status change and dependents policy.
+A batch is one transaction of a few statements: lock the batch's rows by key (``FOR UPDATE``
+on MariaDB; SQLite's write lock is already held), journal them with ``INSERT ... SELECT`` (the
+database builds each before-image), then update or delete exactly those rows, whose count must
+match. On PostgreSQL a batch of tasks is one statement that reads the rows with their version,
+changes those still at it and journals what it changed. The removal of apps (removal.py) uses
+the same task change and dependents policy.
 """
 
 from __future__ import annotations

@@ -2,11 +2,10 @@
 
 There is one way to remove an app (:meth:`Store.remove_apps`, the app rule applied to keys) and
 one way to change tasks (:meth:`Store.apply_task_rule`); the reactor and every sweep pass go
-through them. A batch is one transaction of a few statements: lock the batch's rows (keyset by
-primary key), journal them with ``INSERT ... SELECT`` (the database builds each before-image),
-then the ``UPDATE``/``DELETE`` on the same rows, whose row count must match. Batches grow or
-shrink so that one write transaction stays within ``max_transaction_ms``. Every batch is retried
-as a whole on transient errors.
+through them. A batch is one transaction of a few statements (see :mod:`fswatch_sync.changes`):
+its rows journalled with their before-images built by the database and changed as a
+compare-and-set on what was read. Batches grow or shrink so that one write transaction stays
+within ``max_transaction_ms``. Every batch is retried as a whole on transient errors.
 """
 
 from __future__ import annotations
