@@ -85,7 +85,7 @@ def test_a_task_the_runner_starts_while_its_batch_waits_is_not_cancelled(
 
     assert outcome["result"].count == 1
     with engine.connect() as connection:
-        statuses = dict(
+        statuses: dict[str, str] = dict(
             connection.execute(sa.text("SELECT task_id, status FROM analysis_tasks")).all()
         )
         journalled = connection.execute(
