@@ -50,9 +50,10 @@ def apply_task_rule(
 
     The keys are found by a read that takes no lock (a window of up to :data:`WINDOW` keys in
     key order: walking the table is the slow part, and no write transaction holds its locks
-    through it); each batch's write transaction then re-checks the rule on its keys, under lock,
-    and changes exactly the rows that still match. ``collect``: also return each change (for
-    per-task signals); otherwise no changed row passes through Python.
+    through it); each batch's write transaction then re-checks the rule on its keys (under lock,
+    or by row version on PostgreSQL) and changes exactly the rows that still match.
+    ``collect``: also return each change (for per-task signals); otherwise no changed row passes
+    through Python.
     """
     outcome = RuleOutcome(rule.name)
     batch = store._retry(partial(_task_batch, store))
