@@ -29,7 +29,7 @@ from fswatch_sync.hostschema import HostTables, ResolvedDependent
 from fswatch_sync.images import JOURNAL_COLUMNS, JournalWriter
 from fswatch_sync.layout import AppKey
 from fswatch_sync.outcomes import RuleOutcome, TaskChange
-from fswatch_sync.rules import Delete, SetStatus, TaskRule
+from fswatch_sync.rules import Delete, SetStatus, TaskRule, active
 from fswatch_sync.schema import journal_table
 from fswatch_sync.store import Store
 from fswatch_sync.text import first_line
@@ -166,8 +166,8 @@ def change_tasks(
         ]
         read = store.locked(sa.select(*columns).where(where).order_by(pk), connection)
         changes = [
-            TaskChange(key, str(task_id), AppKey(model, int(number)), status, new_status or "")
-            for key, task_id, model, number, status in connection.execute(read)
+            TaskChange(task_pk, str(task_id), AppKey(model, int(number)), status, new_status or "")
+            for task_pk, task_id, model, number, status in connection.execute(read)
         ]
         pks = [change.pk for change in changes]
     else:
@@ -176,14 +176,7 @@ def change_tasks(
     if not pks:
         return 0, changes
     chosen = db.one_of(pk, pks)
-    journalled = journal.record(
-        action,
-        host.tasks,
-        chosen,
-        key=(host.task_col("target_model"), host.task_col("target_app_number")),
-        status=host.task_col("status"),
-        new_status=new_status,
-    )
+    journalled = journal.record(action, host.tasks, chosen, **_task_entry(host, new_status))
     if isinstance(effect, Delete):
         for dependent in host.task_dependents:
             if dependent.policy != "restrict":
@@ -194,6 +187,15 @@ def change_tasks(
     if result.rowcount != len(pks) or journalled != len(pks):
         raise db.StaleRead(f"{len(pks) - result.rowcount} task(s) changed under the tool's lock")
     return len(pks), changes
+
+
+def _task_entry(host: HostTables, new_status: str | None) -> dict[str, Any]:
+    """What a task's journal entry names besides its row: its app, its status and the new one."""
+    return {
+        "key": (host.task_col("target_model"), host.task_col("target_app_number")),
+        "status": host.task_col("status"),
+        "new_status": new_status,
+    }
 
 
 def _by_row_version_applies(
@@ -226,13 +228,7 @@ def _change_by_row_version(
     new_status = effect.status if isinstance(effect, SetStatus) else None
     quoted = connection.dialect.identifier_preparer.format_table(table)
     version: ColumnElement[Any] = sa.literal_column(f"{quoted}.xmin")
-    entry = journal.entry(
-        action,
-        table,
-        key=(host.task_col("target_model"), host.task_col("target_app_number")),
-        status=host.task_col("status"),
-        new_status=new_status,
-    )
+    entry = journal.entry(action, table, **_task_entry(host, new_status))
     read = (
         sa.select(pk.label("fswatch_pk"), version.label("fswatch_version"), *entry)
         .where(where)
@@ -247,7 +243,7 @@ def _change_by_row_version(
     else:
         change = (
             sa.update(table)
-            .where(unchanged, host.task_col("status").in_(host.config.statuses.active))
+            .where(unchanged, active(host))
             .values(_status_values(host, effect, now))
             .returning(*returned)
         )
@@ -295,7 +291,7 @@ def set_status(
     on what was read under lock), with ``completed_at`` and the rule's message."""
     return connection.execute(
         sa.update(host.tasks)
-        .where(where, host.task_col("status").in_(host.config.statuses.active))
+        .where(where, active(host))
         .values(_status_values(host, effect, now))
     )
 

@@ -119,12 +119,11 @@ class Store:
 
     def end_bulk(self) -> None:
         """The bulk pass is over: checkpoint what its commits left in the log."""
-        if self._bulk is None or self._bulk.commits == 0 or not db.is_sqlite(self.engine):
+        if self._bulk is None or self._bulk.commits == 0 or not wal.applies(self.engine):
             return
         self._bulk.commits = 0
         with self.engine.connect() as connection:
-            if wal.applies(connection):
-                wal.checkpoint(connection)
+            wal.checkpoint(connection)
 
     @property
     def host(self) -> HostTables:
@@ -164,26 +163,20 @@ class Store:
             with self._rehearsal.begin_nested():
                 yield self._rehearsal
             return
+        bulk = self._bulk if self._bulk is not None and wal.applies(self.engine) else None
         with self.engine.connect() as connection:
-            bulk = self._bulk if self._bulk is not None and wal.applies(connection) else None
-            if bulk is None:
-                with connection.begin():
-                    yield connection
-                    self._check(connection)
-                return
             committed = False
             try:
                 with connection.begin():
-                    wal.defer(connection)
+                    if bulk is not None:
+                        wal.defer(connection)
                     yield connection
-                    self._check(connection)
+                    if self.commit_check is not None:
+                        self.commit_check(connection)
                 committed = True
             finally:
-                bulk.after(connection, committed=committed)
-
-    def _check(self, connection: Connection) -> None:
-        if self.commit_check is not None:
-            self.commit_check(connection)
+                if bulk is not None:
+                    bulk.after(connection, committed=committed)
 
     def _retry(self, function: Callable[..., T]) -> Callable[..., T]:
         if self._rehearsal is not None:

@@ -3,9 +3,9 @@
 By default a connection checkpoints inside the commit that takes the log past 1,000 pages: the
 batch that happens to cross it waits for a copy of every page the batches before it dirtied, and
 a sweep whose batches touch the same index pages again and again copies them again and again.
-During a bulk pass (a sweep's phase) the tool's write transactions instead leave the log to grow
-and checkpoint after their commit (the write lock released, other writers unhindered) every
-:data:`BULK_COMMITS` commits and when the phase ends. Every other connection, the host's
+During a bulk pass (a sweep) the tool's write transactions instead leave the log to grow and
+checkpoint after their commit (the write lock released, other writers unhindered) every
+:data:`BULK_COMMITS` commits and when the sweep ends. Every other connection, the host's
 included, keeps SQLite's own policy; the checkpoint is PASSIVE, so it never waits for a reader
 or a writer.
 """
@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 
-# Commits of a bulk pass between two checkpoints: a steady sweep's phase needs none before its
-# end, and the log of even the largest batches stays in the tens of MiB.
+# Commits of a bulk pass between two checkpoints: an hourly sweep needs one or two, and the log
+# of even the largest batches stays in the tens of MiB.
 BULK_COMMITS = 25
 # SQLite's own threshold, given back to the connection after each bulk commit.
 DEFAULT_AUTOCHECKPOINT_PAGES = 1000
@@ -27,11 +27,11 @@ def _driver(connection: Connection) -> Any:
     return connection.connection.driver_connection
 
 
-def applies(connection: Connection) -> bool:
-    """Whether ``connection`` writes through a write-ahead log this module manages: a SQLite
-    file (the WAL mode itself is the file's; a checkpoint of a rollback journal does nothing)."""
-    database = connection.engine.url.database
-    return connection.dialect.name == "sqlite" and bool(database) and database != ":memory:"
+def applies(engine: Engine) -> bool:
+    """Whether ``engine`` writes through a write-ahead log this module manages: a SQLite file
+    (the WAL mode itself is the file's; a checkpoint of a rollback journal does nothing)."""
+    database = engine.url.database
+    return engine.dialect.name == "sqlite" and bool(database) and database != ":memory:"
 
 
 def defer(connection: Connection) -> None:
