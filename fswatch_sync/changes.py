@@ -114,7 +114,18 @@ def _find(store: Store, rule: TaskRule, after: Any) -> list[Any]:
     pk = store.host.task_col("id")
     where = rule.where if after is None else sa.and_(rule.where, pk > after)
     with store._reading() as connection:
-        found = connection.execute(sa.select(pk).where(where).order_by(pk).limit(WINDOW))
+        matching = sa.select(pk).where(where)
+        if connection.dialect.name == "postgresql":
+            # Planned apart from the ORDER BY ... LIMIT (OFFSET 0 is PostgreSQL's fence): given
+            # a limit, the planner walks the primary key in order and filters every row of the
+            # table, betting that matches come early, where the rule's own plan (a status index,
+            # an anti-join) reads only the candidates; sorting them costs next to nothing.
+            fenced = matching.offset(0).subquery("fswatch_matching")
+            matching = sa.select(fenced.c[pk.name])
+            pk_of_window: Any = fenced.c[pk.name]
+        else:
+            pk_of_window = pk
+        found = connection.execute(matching.order_by(pk_of_window).limit(WINDOW))
         return list(found.scalars())
 
 

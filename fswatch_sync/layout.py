@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -36,17 +35,23 @@ class AppKey(NamedTuple):
         return f"{printable(self.model_slug)}/app{self.app_number}"
 
 
-# "app" and ASCII digits (\d would admit other scripts' digits), no leading zero (one directory
-# per number), at most 19 digits, the most a BIGINT has. A sweep parses every app directory's name.
-_APP_DIR_NAME = re.compile(r"app(0|[1-9][0-9]{0,18})")
+# The longest number an app directory's name may carry: 19 digits, the most a BIGINT has.
+_MAX_DIGITS = 19
 
 
 def parse_app_dir_name(name: str) -> int | None:
-    """``app123`` -> 123; anything else (``app``, ``app01``, ``app-1``, ``App1``) -> None."""
-    match = _APP_DIR_NAME.fullmatch(name)
-    if match is None:
+    """``app123`` -> 123; anything else (``app``, ``app01``, ``app-1``, ``App1``, other scripts'
+    digits) -> None. A sweep parses every app directory's name: string tests, no pattern."""
+    digits = name[3:]
+    if (
+        not name.startswith("app")
+        or not digits.isascii()
+        or not digits.isdigit()
+        or len(digits) > _MAX_DIGITS
+        or (digits[0] == "0" and len(digits) > 1)
+    ):
         return None
-    number = int(match.group(1))
+    number = int(digits)
     return number if number <= MAX_APP_NUMBER else None
 
 
@@ -262,10 +267,14 @@ def _list_subdirs(directory: Path | str, *, follow: bool = True) -> list[str] | 
     return names
 
 
+# The app directories a scan found, as (slug, number) tuples: equal to, and found by, AppKeys.
+PresentKeys = set[tuple[str, int]]
+
+
 class Scan(NamedTuple):
     """What one scan of the tree saw."""
 
-    present: set[AppKey]
+    present: PresentKeys
     # Model directories that exist but could not be listed: their apps are of unknown presence.
     unreadable: frozenset[str]
     # False when the root itself could not be listed: nothing is known about any app.
@@ -278,7 +287,7 @@ def scan_tree(root: Path, slugs: Iterable[str] | None = None) -> Scan:
     ``slugs`` limits the scan to those model directories; one that could escape the root or is
     not a real directory (a symlink, say) is skipped, exactly as a full scan would skip it.
     """
-    present: set[AppKey] = set()
+    present: PresentKeys = set()
     unreadable: set[str] = set()
     if slugs is None:
         listed = _list_subdirs(root)
@@ -297,11 +306,13 @@ def scan_tree(root: Path, slugs: Iterable[str] | None = None) -> Scan:
         for name in names:
             number = parse_app_dir_name(name)
             if number is not None:
-                present.add(AppKey(slug, number))
+                # A plain tuple, equal to the AppKey: a set of tens of thousands of plain
+                # tuples of a str and an int is untracked by the garbage collector.
+                present.add((slug, number))
     return Scan(present, frozenset(unreadable), root_listed=True)
 
 
-def scan_apps(root: Path, slugs: Iterable[str] | None = None) -> set[AppKey]:
+def scan_apps(root: Path, slugs: Iterable[str] | None = None) -> PresentKeys:
     """The app directories :func:`scan_tree` finds (unreadable directories contribute none)."""
     return scan_tree(root, slugs).present
 

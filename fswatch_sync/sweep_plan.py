@@ -10,15 +10,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from fswatch_sync import treehealth
-from fswatch_sync.layout import AppKey
+from fswatch_sync.layout import AppKey, PresentKeys
 from fswatch_sync.outcomes import AppRow
 
 
 def orphan_keys(
-    present: set[AppKey], rows: Iterable[AppRow], unknown_slugs: Iterable[str] = ()
+    present: PresentKeys, rows: Iterable[AppRow], unknown_slugs: Iterable[str] = ()
 ) -> list[AppKey]:
     """App keys without a directory, except keys in the new-app grace (judged by the database:
-    ``AppRow.young``) and keys in a model directory that could not be listed (absence not
+    an ``AppRow``'s last field) and keys in a model directory that could not be listed (absence not
     proven)."""
     unknown = frozenset(unknown_slugs)
     # An AppKey is a tuple: (slug, number) finds it in ``present`` without building one per row.

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from fswatch_sync import treehealth
 from fswatch_sync.errors import SweepRefused
-from fswatch_sync.layout import AppKey, Scan, scan_tree
+from fswatch_sync.layout import AppKey, PresentKeys, Scan, scan_tree
 from fswatch_sync.settings import Settings
 from fswatch_sync.store import Store
 from fswatch_sync.sweep_plan import guard, orphan_keys
@@ -56,7 +56,7 @@ class TreeJudge:
         force: bool,
         allow_empty_root: bool,
         force_models: Iterable[str],
-    ) -> tuple[list[AppKey], set[AppKey]]:
+    ) -> tuple[list[AppKey], PresentKeys]:
         """Scan the tree, ask treehealth which parts of it prove absence, and apply the guard:
         the orphan keys and the apps present, or SweepRefused."""
         settings, root = self.settings, self.settings.root

@@ -195,7 +195,7 @@ def assess(
     *,
     marker: str,
     root_listed: bool,
-    present: Iterable[AppKey],
+    present: Iterable[tuple[str, int]],
     unreadable: Iterable[str],
     row_slugs: Mapping[str, int],
     known: Mapping[str | None, Identity],
@@ -210,8 +210,8 @@ def assess(
     """
     root_look = look_at_root(root, marker, stat_fn) if root_listed else Look(Seen.ABSENT)
     apps_by_slug: dict[str, int] = {}
-    for key in present:
-        apps_by_slug[key.model_slug] = apps_by_slug.get(key.model_slug, 0) + 1
+    for slug, _number in present:
+        apps_by_slug[slug] = apps_by_slug.get(slug, 0) + 1
     problem = judge_root(
         root_look,
         apps_seen=bool(apps_by_slug),
