@@ -299,10 +299,11 @@ def set_status(
     now: datetime,
 ) -> Any:
     """The one way a task's status changes: only from an active status (the compare-and-set
-    on what was read under lock), with ``completed_at`` and the rule's message."""
+    on what was read under lock), with ``completed_at`` and the rule's message. ``where``
+    finds the rows (their keys); the status is tested on each."""
     return connection.execute(
         sa.update(host.tasks)
-        .where(where, active(host))
+        .where(where, active(host, by_status_index=False))
         .values(_status_values(host, effect, now))
     )
 

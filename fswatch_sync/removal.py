@@ -242,7 +242,7 @@ def _cancel_tasks(
     effect = rules.SetStatus(
         host.config.statuses.cancelled, rules.key_message(host.config.cancel_message, host)
     )
-    matching = sa.and_(task_keys(host, keys), rules.active(host))
+    matching = sa.and_(task_keys(host, keys), rules.active(host, by_status_index=False))
     edit = TaskEdit(matching, effect, "task_cancelled", now)
     count, changes = change_tasks(store, connection, edit, journal, collect=collect)
     outcome.cancelled += changes

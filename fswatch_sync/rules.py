@@ -115,8 +115,14 @@ def young_row(host: HostTables, young_after: datetime) -> ColumnElement[bool]:
     return created > db.bind_time(created, young_after)
 
 
-def active(host: HostTables) -> ColumnElement[bool]:
-    return host.task_col("status").in_(host.config.statuses.active)
+def active(host: HostTables, *, by_status_index: bool = True) -> ColumnElement[bool]:
+    """The task's status is an active one. ``by_status_index=False`` where another condition
+    finds the rows (an app's key): tested on each row found, SQLite would otherwise walk every
+    active task through a status index as soon as the keys span two models."""
+    status = host.task_col("status")
+    return (status if by_status_index else db.unindexed(status)).in_(
+        host.config.statuses.active
+    )
 
 
 def has_app_row(host: HostTables) -> ColumnElement[bool]:
