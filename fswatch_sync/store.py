@@ -14,6 +14,7 @@ import copy
 import logging
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -25,7 +26,7 @@ from sqlalchemy.engine import Connection, Engine
 from fswatch_sync import db, wal
 from fswatch_sync.batching import BatchSizer, chunks
 from fswatch_sync.hostschema import HostTables, reflect_host_tables
-from fswatch_sync.layout import AppKey, PresentKeys
+from fswatch_sync.layout import AppKey
 from fswatch_sync.marks import Marks
 from fswatch_sync.outcomes import AppRow, RemovalOutcome, RuleOutcome, TaskChange
 from fswatch_sync.rules import TaskRule, keys_clause, young_row
@@ -290,7 +291,7 @@ class Store:
         with self._reading() as connection:
             return len(Marks(self.host).all_marked(connection))
 
-    def clear_marks_of(self, present: PresentKeys) -> int:
+    def clear_marks_of(self, present: AbstractSet[tuple[str, int]]) -> int:
         """Forget the missing-since marks of keys whose directory is back."""
         marks = Marks(self.host)
         with self._write() as connection:

@@ -8,14 +8,17 @@ database, so each can be tested on its own.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 
 from fswatch_sync import treehealth
-from fswatch_sync.layout import AppKey, PresentKeys
+from fswatch_sync.layout import AppKey
 from fswatch_sync.outcomes import AppRow
 
 
 def orphan_keys(
-    present: PresentKeys, rows: Iterable[AppRow], unknown_slugs: Iterable[str] = ()
+    present: AbstractSet[tuple[str, int]],
+    rows: Iterable[AppRow],
+    unknown_slugs: Iterable[str] = (),
 ) -> list[AppKey]:
     """App keys without a directory, except keys in the new-app grace (judged by the database:
     an ``AppRow``'s last field) and keys in a model directory that could not be listed (absence not

@@ -176,8 +176,7 @@ def test_each_rule_carries_its_effect_journal_action_and_signal() -> None:
 
 def test_orphan_keys_compare_the_tree_with_the_keys() -> None:
     present = {AppKey("m", 1)}
-    rows = [AppRow("m", 1, 2, 0), AppRow("m", 2, 3, 0), AppRow("m", 3, 1, 1),
-            AppRow("locked", 1, 1, 0)]
+    rows: list[AppRow] = [("m", 1, 2, 0), ("m", 2, 3, 0), ("m", 3, 1, 1), ("locked", 1, 1, 0)]
     assert orphan_keys(present, rows, unknown_slugs={"locked"}) == [AppKey("m", 2)]
 
 
