@@ -39,8 +39,9 @@ log = logging.getLogger(__name__)
 
 # How many keys one unlocked read finds ahead of the write batches: a rule whose predicate is
 # costly to evaluate (an anti-join, a walk of a large table) is evaluated once per window
-# instead of once per batch, and memory holds one integer per key of the window at most.
-WINDOW = 10_000
+# instead of once per batch, and memory holds one integer per key of the window at most (50,000
+# integers: about 2 MiB).
+WINDOW = 50_000
 
 
 def apply_task_rule(
