@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy import ColumnElement, Select
 from sqlalchemy.engine import Connection, Engine
 
-from fswatch_sync import db, wal
+from fswatch_sync import db, gcpause, wal
 from fswatch_sync.batching import BatchSizer, chunks
 from fswatch_sync.hostschema import HostTables, reflect_host_tables
 from fswatch_sync.layout import AppKey
@@ -168,7 +168,8 @@ class Store:
         with self.engine.connect() as connection:
             committed = False
             try:
-                with connection.begin():
+                # A collector pass would hold the lock for its own length: it runs after.
+                with gcpause.held(), connection.begin():
                     if bulk is not None:
                         wal.defer(connection)
                     yield connection

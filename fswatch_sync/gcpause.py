@@ -1,0 +1,41 @@
+"""Keeping the garbage collector's pauses out of the tool's write transactions.
+
+CPython's cyclic collector stops the whole process for a pass over every tracked object; in a
+host application with a large heap a full pass takes tens of milliseconds, and one that lands
+inside a write transaction holds SQLite's write lock (or a server's row locks) that much
+longer. :func:`held` pauses the collector for the span of a write transaction, at most the
+time budget (``max_transaction_ms``): allocations go on, reference counting frees what it
+always frees, and the collection they would have triggered runs right after the commit,
+outside the lock. The pause is counted across threads: the collector comes back when the last
+transaction ends, and only if it was running when the first began (a host that disabled it
+keeps it disabled).
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+_lock = threading.Lock()
+_holders = 0
+_resume = False
+
+
+@contextmanager
+def held() -> Iterator[None]:
+    """No collector pass starts while the block runs (in this thread or another)."""
+    global _holders, _resume
+    with _lock:
+        if _holders == 0:
+            _resume = gc.isenabled()
+            gc.disable()
+        _holders += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _holders -= 1
+            if _holders == 0 and _resume:
+                gc.enable()

@@ -1,0 +1,87 @@
+"""The collector is paused for the span of a write transaction, and given back as it was."""
+
+from __future__ import annotations
+
+import gc
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from fswatch_sync import db, gcpause
+from fswatch_sync.store import Store
+
+
+@pytest.fixture(autouse=True)
+def _collector_back() -> Iterator[None]:
+    was = gc.isenabled()
+    yield
+    if was:
+        gc.enable()
+    else:
+        gc.disable()
+
+
+def test_paused_inside_and_back_after() -> None:
+    gc.enable()
+    with gcpause.held():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+
+
+def test_a_collector_the_host_disabled_stays_disabled() -> None:
+    gc.disable()
+    with gcpause.held():
+        assert not gc.isenabled()
+    assert not gc.isenabled()
+
+
+def test_back_only_when_the_last_holder_leaves() -> None:
+    gc.enable()
+    inside = threading.Event()
+    leave = threading.Event()
+
+    def other() -> None:
+        with gcpause.held():
+            inside.set()
+            leave.wait(10)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    assert inside.wait(10)
+    with gcpause.held():
+        pass
+    assert not gc.isenabled(), "the other thread's transaction is still open"
+    leave.set()
+    thread.join(10)
+    assert gc.isenabled()
+
+
+def test_back_after_a_failed_block() -> None:
+    gc.enable()
+    with pytest.raises(RuntimeError), gcpause.held():
+        raise RuntimeError("refused")
+    assert gc.isenabled()
+
+
+def test_a_write_transaction_of_the_store_holds_it(tmp_path: Path) -> None:
+    engine = db.create_engine(f"sqlite:///{tmp_path / 'gc.db'}")
+    try:
+        store = Store(engine)
+        store.init_db()
+        gc.enable()
+        seen: list[bool] = []
+        with store._write() as connection:
+            seen.append(gc.isenabled())
+            connection.execute(sa.insert(store.host.apps).values(model_slug="m", app_number=1))
+        assert seen == [False]
+        assert gc.isenabled()
+        with engine.connect() as connection:
+            count = connection.execute(
+                sa.select(sa.func.count()).select_from(store.host.apps)
+            ).scalar_one()
+        assert count == 1
+    finally:
+        engine.dispose()
