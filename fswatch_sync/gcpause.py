@@ -3,12 +3,13 @@
 CPython's cyclic collector stops the whole process for a pass over every tracked object; in a
 host application with a large heap a full pass takes tens of milliseconds, and one that lands
 inside a write transaction holds SQLite's write lock (or a server's row locks) that much
-longer. :func:`held` pauses the collector for the span of a write transaction, at most the
-time budget (``max_transaction_ms``): allocations go on, reference counting frees what it
-always frees, and the collection they would have triggered runs right after the commit,
-outside the lock. The pause is counted across threads: the collector comes back when the last
-transaction ends, and only if it was running when the first began (a host that disabled it
-keeps it disabled).
+longer. :func:`held` pauses the collector from a write transaction's BEGIN to its COMMIT (the
+wait for SQLite's write lock comes before it; a wait for a server's row lock is inside), the
+span the time budget ``max_transaction_ms`` bounds: allocations go on, reference counting
+frees what it always frees, and the collection they would have triggered runs right after the
+commit, outside the lock. The pause is counted across threads: the collector comes back when
+the last transaction ends, and only if it was running when the first began (a host that
+disabled it keeps it disabled).
 """
 
 from __future__ import annotations

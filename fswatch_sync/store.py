@@ -168,8 +168,10 @@ class Store:
         with self.engine.connect() as connection:
             committed = False
             try:
-                # A collector pass would hold the lock for its own length: it runs after.
-                with gcpause.held(), connection.begin():
+                # BEGIN first (SQLite's waits for the write lock): the collector is paused from
+                # then to the commit, where a pass would hold the lock for its own length.
+                transaction = connection.begin()
+                with gcpause.held(), transaction:
                     if bulk is not None:
                         wal.defer(connection)
                     yield connection

@@ -71,12 +71,16 @@ def test_a_write_transaction_of_the_store_holds_it(tmp_path: Path) -> None:
     try:
         store = Store(engine)
         store.init_db()
+        apps = store.host.apps  # reflected before: only the write transaction is watched
         gc.enable()
-        seen: list[bool] = []
+        seen: list[tuple[str, bool]] = []
+        # BEGIN (SQLite's wait for the write lock) comes before the pause; COMMIT inside it.
+        sa.event.listen(engine, "begin", lambda conn: seen.append(("begin", gc.isenabled())))
+        sa.event.listen(engine, "commit", lambda conn: seen.append(("commit", gc.isenabled())))
         with store._write() as connection:
-            seen.append(gc.isenabled())
-            connection.execute(sa.insert(store.host.apps).values(model_slug="m", app_number=1))
-        assert seen == [False]
+            seen.append(("body", gc.isenabled()))
+            connection.execute(sa.insert(apps).values(model_slug="m", app_number=1))
+        assert seen == [("begin", True), ("body", False), ("commit", False)]
         assert gc.isenabled()
         with engine.connect() as connection:
             count = connection.execute(
