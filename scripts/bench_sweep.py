@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import sqlalchemy as sa
 from benchkit import Contestant, Options, Result, Target, entry, format_seconds
@@ -726,13 +726,82 @@ def floor_sweep(connection: FloorConnection, root: Path, now: datetime) -> dict[
     return counts
 
 
+# What a journal of one row per change writes at least, in a table with nothing but a primary
+# key (no time, no action, no second index): "ids", each changed row's id; "images", its id and
+# its before-image (the row as JSON, built by the database), the least a journal that can undo
+# the change must keep.
+RECORD_TABLE = "bound_record"
+Record = Literal["ids", "images"]
+_COLUMNS = {APPS_TABLE: ("id", "model_slug", "app_number", "created_at")}
+
+
+def _image(table: str, record: Record, alias: str) -> str:
+    """The record's second column for a row of ``table`` named ``alias``."""
+    if record == "ids":
+        return "NULL"
+    columns = _COLUMNS.get(table) or tuple(c.strip() for c in _TASK_COLUMNS.split(","))
+    return "json_object(" + ", ".join(f"'{c}', {alias}.{c}" for c in columns) + ")"
+
+
+def _change(
+    connection: FloorConnection,
+    head: str,
+    where: str,
+    arguments: Sequence[Any],
+    *,
+    table: str,
+    record: Record | None,
+) -> int:
+    """``{head} WHERE {where}`` (an UPDATE or DELETE of ``table``; ``arguments`` fill ``where``'s
+    placeholders last), and with ``record`` each changed row recorded in RECORD_TABLE the
+    cheapest way each backend has: on SQLite an ``INSERT ... SELECT`` of the same condition just
+    before; on PostgreSQL one statement, a CTE over ``RETURNING`` (an UPDATE's before-images
+    read in the same statement, as its snapshot sees them)."""
+    statement = f"{head} WHERE {where}"
+    if record is None:
+        return int(connection.execute(statement, arguments).rowcount)
+    where_arguments = list(arguments)[len(arguments) - where.count("?") :]
+    insert = f"INSERT INTO {RECORD_TABLE} (row_id, image)"
+    if isinstance(connection, sqlite3.Connection):
+        connection.execute(
+            f"{insert} SELECT id, {_image(table, record, table)} FROM {table} WHERE {where}",
+            where_arguments,
+        )
+        return int(connection.execute(statement, arguments).rowcount)
+    image = "NULL" if record == "ids" else "row_to_json(before)::text"
+    if head.startswith("DELETE"):
+        image = image.replace("before", table)
+        sql = (
+            f"WITH changed AS ({statement} RETURNING id, {image} AS image)"
+            f" {insert} SELECT id, image FROM changed"
+        )
+        return int(connection.execute(sql, arguments).rowcount)
+    set_arguments = list(arguments)[: len(arguments) - len(where_arguments)]
+    sql = (
+        f"WITH old AS MATERIALIZED (SELECT id AS old_id, {image} AS old_image"
+        f" FROM {table} before WHERE {where.replace(table + '.', 'before.')}),"
+        f" changed AS ({head} FROM old WHERE id = old.old_id AND {where}"
+        f" RETURNING id, old.old_image)"
+        f" {insert} SELECT id, old_image FROM changed"
+    )
+    parameters = [*where_arguments, *set_arguments, *where_arguments]
+    return int(connection.execute(sql, parameters).rowcount)
+
+
 def batched_floor_sweep(
-    connection: FloorConnection, root: Path, now: datetime, batch: int
+    connection: FloorConnection,
+    root: Path,
+    now: datetime,
+    batch: int,
+    *,
+    record: Record | None = None,
 ) -> dict[str, int]:
     """The floor's statements cut into transactions of ``batch`` rows, as fswatch_sync's are.
 
     Still no journal, no lease, no Python per row: what bounded transactions alone cost. Each
     statement after the first read lists its ids and repeats its condition, as a re-check.
+    ``record``: each changed row is also recorded in RECORD_TABLE, in the same transaction (the
+    least a per-row journal costs; see the entry ``journal-bound``).
     """
     counts = dict.fromkeys(COUNT_KEYS, 0)
     orphans = _floor_orphans(connection, root, now)
@@ -753,10 +822,14 @@ def batched_floor_sweep(
             for numbers in by_slug.values()
         )
         connection.execute("BEGIN IMMEDIATE")
-        counts["orphan_apps"] += connection.execute(
-            f"DELETE FROM {APPS_TABLE} WHERE {terms}",
+        counts["orphan_apps"] += _change(
+            connection,
+            f"DELETE FROM {APPS_TABLE}",
+            terms,
             [item for slug, numbers in by_slug.items() for item in (slug, *numbers)],
-        ).rowcount
+            table=APPS_TABLE,
+            record=record,
+        )
         connection.execute("COMMIT")
         checkpoints.commit()
 
@@ -810,31 +883,57 @@ def batched_floor_sweep(
             marks = ",".join("?" * len(part))
             connection.execute("BEGIN IMMEDIATE")
             if verb == "DELETE":
-                sql = f"DELETE FROM {TASKS_TABLE} WHERE id IN ({marks}) AND {condition}"
+                head = f"DELETE FROM {TASKS_TABLE}"
                 arguments: tuple[Any, ...] = (*part, *params)
             else:
-                sql = (
-                    f"UPDATE {TASKS_TABLE} SET status = ?, completed_at = ?, error_message = ?"
-                    f" WHERE id IN ({marks}) AND {condition}"
-                )
+                head = f"UPDATE {TASKS_TABLE} SET status = ?, completed_at = ?, error_message = ?"
                 arguments = (status, stamp, message, *part, *params)
-            counts[counter] += connection.execute(sql, arguments).rowcount
+            counts[counter] += _change(
+                connection,
+                head,
+                f"id IN ({marks}) AND {condition}",
+                arguments,
+                table=TASKS_TABLE,
+                record=record,
+            )
             connection.execute("COMMIT")
             checkpoints.commit()
     checkpoints.end()
     return counts
 
 
-def run_batched_floor(url: str, root: Path) -> Run:
+def run_batched_floor(url: str, root: Path, *, record: Record | None = None) -> Run:
     connection = floor_connection(url)
     try:
+        if record is not None:
+            key = "INTEGER" if isinstance(connection, sqlite3.Connection) else "BIGSERIAL"
+            connection.execute(
+                f"CREATE TABLE {RECORD_TABLE} (id {key} PRIMARY KEY, row_id BIGINT NOT NULL,"
+                " image TEXT)"
+            )
         clock = _Clock()
         clock.start()
-        counts = batched_floor_sweep(connection, root, NAIVE_NOW, DEFAULT_BATCH)
+        counts = batched_floor_sweep(connection, root, NAIVE_NOW, DEFAULT_BATCH, record=record)
         seconds, cpu = clock.stop()
+        if record is not None:
+            (recorded,) = connection.execute(
+                f"SELECT count(*) FROM {RECORD_TABLE}"
+                + (" WHERE image IS NOT NULL" if record == "images" else "")
+            ).fetchone()
+            changed = sum(counts.values())
+            if recorded != changed:
+                raise RuntimeError(f"{recorded} changes recorded, {changed} made")
     finally:
         connection.close()
     return Run(seconds, counts, cpu)
+
+
+def run_floor_recording_ids(url: str, root: Path) -> Run:
+    return run_batched_floor(url, root, record="ids")
+
+
+def run_floor_recording_images(url: str, root: Path) -> Run:
+    return run_batched_floor(url, root, record="images")
 
 
 def run_floor(url: str, root: Path) -> Run:
@@ -854,6 +953,8 @@ def run_floor(url: str, root: Path) -> Run:
 FSWATCH_BIG = f"fswatch_sync b{BIG_BATCH}"
 FSWATCH = ("fswatch_sync", FSWATCH_BIG)
 FLOOR_BATCHED = f"floor b{DEFAULT_BATCH}"
+FLOOR_IDS = f"floor b{DEFAULT_BATCH} + ids"
+FLOOR_IMAGES = f"floor b{DEFAULT_BATCH} + images"
 
 CONTESTANTS: dict[str, tuple[str, Callable[[str, Path], Run]]] = {
     "fswatch_sync": ("Sweeper.run, default settings, journal and lease included", run_fswatch_sync),
@@ -865,6 +966,16 @@ CONTESTANTS: dict[str, tuple[str, Callable[[str, Path], Run]]] = {
     FLOOR_BATCHED: (
         f"the floor's statements in transactions of {DEFAULT_BATCH} rows, still no journal",
         run_batched_floor,
+    ),
+    FLOOR_IDS: (
+        f"{FLOOR_BATCHED}, and each changed row's id written to a table with only a primary key,"
+        " in the same transaction",
+        run_floor_recording_ids,
+    ),
+    FLOOR_IMAGES: (
+        f"{FLOOR_BATCHED}, and each changed row's id and before-image (JSON built by the"
+        " database) written the same way: the least a journal that can undo adds",
+        run_floor_recording_images,
     ),
     "seed": (
         "the seed's algorithm: ORM, os.path.exists per row, a query per active task",
@@ -985,6 +1096,10 @@ def postgres_unavailable(admin_url: str) -> str | None:
     return None
 
 
+# Every entry's contestants but journal-bound's own floors.
+SWEEP_CONTESTANTS = tuple(c for c in CONTESTANTS if c not in (FLOOR_IDS, FLOOR_IMAGES))
+
+
 def compare(
     scale: Scale,
     *,
@@ -994,7 +1109,7 @@ def compare(
     name: str = "sweep",
     title: str = "",
     judged: bool = True,
-    contestants: Iterable[str] = tuple(CONTESTANTS),
+    contestants: Iterable[str] = SWEEP_CONTESTANTS,
     postgres_url: str | None = None,
 ) -> Result:
     """Run every contestant ``runs`` times on copies of one dataset, interleaved, and verify.
@@ -1056,6 +1171,12 @@ def compare(
         # No target: how much the tool itself (journal, compare-and-set, lease) adds to the
         # cost of bounded transactions.
         result.add_ratio("fswatch_sync", FLOOR_BATCHED, None, judged=False)
+    for recording in (c for c in (FLOOR_IDS, FLOOR_IMAGES) if c in chosen):
+        # The least a journal of one row per change can cost, against the same floor.
+        if FLOOR_BATCHED in chosen:
+            result.add_ratio(recording, FLOOR_BATCHED, None, judged=False)
+        if "fswatch_sync" in chosen:
+            result.add_ratio("fswatch_sync", recording, None, judged=False)
     cpu_median = {c: statistics.median(v) for c, v in cpu.items() if v}
     result.notes.append(
         "CPU time of the sweeping process (median; steadier than wall time on a shared machine): "
@@ -1065,7 +1186,8 @@ def compare(
         f"{top}/{bottom} {cpu_median[top] / cpu_median[bottom]:.2f}x"
         for top, bottom in [("seed", c) for c in FSWATCH]
         + [(c, "floor") for c in FSWATCH]
-        + [("fswatch_sync", FLOOR_BATCHED)]
+        + [("fswatch_sync", FLOOR_BATCHED), (FLOOR_IDS, FLOOR_BATCHED)]
+        + [(FLOOR_IMAGES, FLOOR_BATCHED)]
         if top in cpu_median and bottom in cpu_median and cpu_median[bottom] > 0
     ]
     if cpu_ratios:
@@ -1137,7 +1259,14 @@ def sweep_backlog_postgres(options: Options) -> Result:
     )
 
 
-def _on_postgres(options: Options, scale: Scale, *, name: str, title: str) -> Result:
+def _on_postgres(
+    options: Options,
+    scale: Scale,
+    *,
+    name: str,
+    title: str,
+    contestants: Iterable[str] = SWEEP_CONTESTANTS,
+) -> Result:
     reason = postgres_unavailable(POSTGRES_ADMIN_URL)
     if reason is not None:
         skipped = Result(entry=name, title=title)
@@ -1153,6 +1282,7 @@ def _on_postgres(options: Options, scale: Scale, *, name: str, title: str) -> Re
         name=name,
         title=title,
         judged=False,
+        contestants=contestants,
         postgres_url=POSTGRES_ADMIN_URL,
     )
 
@@ -1168,4 +1298,43 @@ def sweep_postgres(options: Options) -> Result:
         name="sweep-postgres",
         title="one hourly sweep on PostgreSQL (the steady-state data of `sweep`): fswatch_sync"
         " vs the seed's algorithm vs a floor",
+    )
+
+
+_BOUND_TITLE = (
+    "the first sweep's backlog{where}: the batched floor with and without the least per-row"
+    " record of its changes (a row per change: its id; its id and before-image), beside"
+    " fswatch_sync"
+)
+_BOUND_CONTESTANTS = ("fswatch_sync", FLOOR_BATCHED, FLOOR_IDS, FLOOR_IMAGES)
+
+
+@entry(
+    "journal-bound",
+    "what the least per-row record of the changes adds to the batched floor (SQLite backlog)",
+)
+def journal_bound(options: Options) -> Result:
+    return compare(
+        QUICK_BACKLOG if options.quick else BACKLOG,
+        runs=options.runs,
+        workdir=options.workdir,
+        log=options.log,
+        name="journal-bound",
+        title=_BOUND_TITLE.format(where=" on SQLite"),
+        judged=False,
+        contestants=_BOUND_CONTESTANTS,
+    )
+
+
+@entry(
+    "journal-bound-postgres",
+    "what the least per-row record of the changes adds to the batched floor (PostgreSQL backlog)",
+)
+def journal_bound_postgres(options: Options) -> Result:
+    return _on_postgres(
+        options,
+        QUICK_BACKLOG if options.quick else BACKLOG,
+        name="journal-bound-postgres",
+        title=_BOUND_TITLE.format(where=" on PostgreSQL"),
+        contestants=_BOUND_CONTESTANTS,
     )
