@@ -26,6 +26,12 @@ the dataset is loaded once into a template database and every run gets a databas
 it; the floor's statements run through psycopg, spelled for PostgreSQL. Its targets are not
 judged (the issue sets them on SQLite); it shows what changes when every query is a round trip.
 
+The entries ``journal-bound`` and ``journal-bound-postgres`` ask what any journal of one row per
+change must cost, on the backlog's data: 'floor b500' against itself writing, in the same
+transaction, each changed row's id (``+ ids``) or its id and before-image built by the database
+(``+ images``, the least a journal that can undo keeps) to a table with only a primary key.
+fswatch_sync runs beside them; its ratio to the floor cannot fall below the ``+ images`` one.
+
 This module is also a library for other entries (the growth curve of issue 6):
 :func:`build_dataset` and :func:`compare` take any :class:`Scale`.
 """
