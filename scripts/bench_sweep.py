@@ -30,7 +30,8 @@ The entries ``journal-bound`` and ``journal-bound-postgres`` ask what any journa
 change must cost, on the backlog's data: 'floor b500' against itself writing, in the same
 transaction, each changed row's id (``+ ids``) or its id and before-image built by the database
 (``+ images``, the least a journal that can undo keeps) to a table with only a primary key.
-fswatch_sync runs beside them; its ratio to the floor cannot fall below the ``+ images`` one.
+fswatch_sync runs beside them: below the ``+ images`` ratio it could only go by doing the
+rest of the floor's work for less than the floor does.
 
 This module is also a library for other entries (the growth curve of issue 6):
 :func:`build_dataset` and :func:`compare` take any :class:`Scale`.
