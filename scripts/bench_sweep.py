@@ -1273,8 +1273,10 @@ def _on_postgres(
     name: str,
     title: str,
     contestants: Iterable[str] = SWEEP_CONTESTANTS,
+    postgres: bool = True,
 ) -> Result:
-    reason = postgres_unavailable(POSTGRES_ADMIN_URL)
+    """An entry's comparison on PostgreSQL (or, with ``postgres`` False, on SQLite)."""
+    reason = postgres_unavailable(POSTGRES_ADMIN_URL) if postgres else None
     if reason is not None:
         skipped = Result(entry=name, title=title)
         skipped.notes.append(f"not run: {reason}")
@@ -1290,7 +1292,7 @@ def _on_postgres(
         title=title,
         judged=False,
         contestants=contestants,
-        postgres_url=POSTGRES_ADMIN_URL,
+        postgres_url=POSTGRES_ADMIN_URL if postgres else None,
     )
 
 
@@ -1308,12 +1310,23 @@ def sweep_postgres(options: Options) -> Result:
     )
 
 
-_BOUND_TITLE = (
-    "the first sweep's backlog{where}: the batched floor with and without the least per-row"
-    " record of its changes (a row per change: its id; its id and before-image), beside"
-    " fswatch_sync"
-)
 _BOUND_CONTESTANTS = ("fswatch_sync", FLOOR_BATCHED, FLOOR_IDS, FLOOR_IMAGES)
+
+
+def _journal_bound(options: Options, *, name: str, where: str) -> Result:
+    title = (
+        f"the first sweep's backlog on {where}: the batched floor with and without the least"
+        " per-row record of its changes (a row per change: its id; its id and before-image),"
+        " beside fswatch_sync"
+    )
+    return _on_postgres(
+        options,
+        QUICK_BACKLOG if options.quick else BACKLOG,
+        name=name,
+        title=title,
+        contestants=_BOUND_CONTESTANTS,
+        postgres=where == "PostgreSQL",
+    )
 
 
 @entry(
@@ -1321,16 +1334,7 @@ _BOUND_CONTESTANTS = ("fswatch_sync", FLOOR_BATCHED, FLOOR_IDS, FLOOR_IMAGES)
     "what the least per-row record of the changes adds to the batched floor (SQLite backlog)",
 )
 def journal_bound(options: Options) -> Result:
-    return compare(
-        QUICK_BACKLOG if options.quick else BACKLOG,
-        runs=options.runs,
-        workdir=options.workdir,
-        log=options.log,
-        name="journal-bound",
-        title=_BOUND_TITLE.format(where=" on SQLite"),
-        judged=False,
-        contestants=_BOUND_CONTESTANTS,
-    )
+    return _journal_bound(options, name="journal-bound", where="SQLite")
 
 
 @entry(
@@ -1338,10 +1342,4 @@ def journal_bound(options: Options) -> Result:
     "what the least per-row record of the changes adds to the batched floor (PostgreSQL backlog)",
 )
 def journal_bound_postgres(options: Options) -> Result:
-    return _on_postgres(
-        options,
-        QUICK_BACKLOG if options.quick else BACKLOG,
-        name="journal-bound-postgres",
-        title=_BOUND_TITLE.format(where=" on PostgreSQL"),
-        contestants=_BOUND_CONTESTANTS,
-    )
+    return _journal_bound(options, name="journal-bound-postgres", where="PostgreSQL")
