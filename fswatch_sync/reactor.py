@@ -148,7 +148,12 @@ class Reactor:
             if problem is not None:
                 self.root_unusable(problem)
                 self._queue.forget(keys - reported_keys)  # suspects among them: left to the sweep
-                self._queue.hold(keys - reported_keys, slugs - reported_slugs, problem)
+                # A model without rows has nothing to wait for (a second, unreported event of a
+                # model directory already handled, say).
+                waiting_slugs = {
+                    slug for slug in slugs - reported_slugs if self.store.app_keys_for_slug(slug)
+                }
+                self._queue.hold(keys - reported_keys, waiting_slugs, problem)
                 keys &= reported_keys
                 slugs &= reported_slugs
         for slug in sorted(slugs):

@@ -268,6 +268,27 @@ def test_missing_root_removes_nothing(
         assert_untouched(probe, app)
 
 
+def test_a_missing_root_holds_only_models_that_have_rows(
+    store: ScriptedStore, apps_root: Path, probe: Engine, apps: dict[AppKey, SeededApp],
+    calls: Calls,
+) -> None:
+    """A model with rows waits for the root; one without rows (a second event of a model
+    directory already handled) has nothing to wait for."""
+    shutil.rmtree(apps_root)
+    reactor = make_reactor(store, apps_root, calls)
+    with running(reactor):
+        # The model without rows first: once the other is held, both have been judged.
+        reactor.submit(ModelGone("model_without_rows"))
+        reactor.submit(ModelGone(SLUG))
+        wait_until(lambda: reactor.waiting()["models"] >= 1, what="a model held back")
+        held = reactor.waiting()
+    assert calls.unusable[:1] == ["root-missing"]
+    assert (held["models"], held["sample"]) == (1, [f"{SLUG}/*"])
+    assert store.calls == []
+    for app in apps.values():
+        assert_untouched(probe, app)
+
+
 def test_root_without_any_app_directory_removes_nothing(
     store: ScriptedStore, apps_root: Path, probe: Engine, apps: dict[AppKey, SeededApp],
     calls: Calls,
