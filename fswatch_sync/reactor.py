@@ -148,12 +148,8 @@ class Reactor:
             if problem is not None:
                 self.root_unusable(problem)
                 self._queue.forget(keys - reported_keys)  # suspects among them: left to the sweep
-                # A model without rows has nothing to wait for (a second, unreported event of a
-                # model directory already handled, say).
-                waiting_slugs = {
-                    slug for slug in slugs - reported_slugs if self.store.app_keys_for_slug(slug)
-                }
-                self._queue.hold(keys - reported_keys, waiting_slugs, problem)
+                self._queue.hold(*self._with_rows(keys - reported_keys, slugs - reported_slugs),
+                                 problem)
                 keys &= reported_keys
                 slugs &= reported_slugs
         for slug in sorted(slugs):
@@ -215,6 +211,15 @@ class Reactor:
                 if db.is_transient(failure):
                     raise
                 self._isolate(half, failure)
+
+    def _with_rows(self, keys: set[AppKey], slugs: set[str]) -> tuple[set[AppKey], set[str]]:
+        """Those of ``keys`` and ``slugs`` that still have rows: the others have nothing to wait
+        for (a second, unreported event of a directory already handled, say)."""
+        found = {
+            slug: set(self.store.app_keys_for_slug(slug))
+            for slug in slugs | {key.model_slug for key in keys}
+        }
+        return {key for key in keys if key in found[key.model_slug]}, {s for s in slugs if found[s]}
 
     def _root_problem(self, root: treehealth.Look) -> str | None:
         """treehealth's verdict on the root for hints that need the tree to prove absence."""

@@ -268,22 +268,28 @@ def test_missing_root_removes_nothing(
         assert_untouched(probe, app)
 
 
-def test_a_missing_root_holds_only_models_that_have_rows(
+def test_a_missing_root_holds_only_what_has_rows(
     store: ScriptedStore, apps_root: Path, probe: Engine, apps: dict[AppKey, SeededApp],
     calls: Calls,
 ) -> None:
-    """A model with rows waits for the root; one without rows (a second event of a model
+    """An app or a model with rows waits for the root; one without rows (a second event of a
     directory already handled) has nothing to wait for."""
     shutil.rmtree(apps_root)
     reactor = make_reactor(store, apps_root, calls)
     with running(reactor):
-        # The model without rows first: once the other is held, both have been judged.
+        # Those without rows first: once the others are held, all have been judged.
         reactor.submit(ModelGone("model_without_rows"))
+        reactor.submit(AppGone(AppKey(SLUG, 99)))
         reactor.submit(ModelGone(SLUG))
-        wait_until(lambda: reactor.waiting()["models"] >= 1, what="a model held back")
+        reactor.submit(AppGone(KEYS[5]))
+        wait_until(
+            lambda: min(reactor.waiting()["models"], reactor.waiting()["apps"]) >= 1,
+            what="a model and an app held back",
+        )
         held = reactor.waiting()
     assert calls.unusable[:1] == ["root-missing"]
-    assert (held["models"], held["sample"]) == (1, [f"{SLUG}/*"])
+    assert (held["apps"], held["models"]) == (1, 1)
+    assert held["sample"] == [str(KEYS[5]), f"{SLUG}/*"]
     assert store.calls == []
     for app in apps.values():
         assert_untouched(probe, app)
