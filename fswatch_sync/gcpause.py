@@ -7,7 +7,9 @@ longer. :func:`held` pauses the collector from a write transaction's BEGIN to it
 wait for SQLite's write lock comes before it; a wait for a server's row lock is inside), the
 span the time budget ``max_transaction_ms`` bounds: allocations go on, reference counting
 frees what it always frees, and the collection they would have triggered runs right after the
-commit, outside the lock. The pause is counted across threads: the collector comes back when
+commit, outside the lock. The sweep's read of every app row is paused the same way (the rows
+are garbage as soon as counted; a collector left running walks the heap again and again while
+they are made). The pause is counted across threads: the collector comes back when
 the last transaction ends, and only if it was running when the first began (a host that
 disabled it keeps it disabled).
 """

@@ -89,3 +89,30 @@ def test_a_write_transaction_of_the_store_holds_it(tmp_path: Path) -> None:
         assert count == 1
     finally:
         engine.dispose()
+
+
+def test_the_read_of_every_app_row_holds_it(tmp_path: Path) -> None:
+    engine = db.create_engine(f"sqlite:///{tmp_path / 'gc.db'}")
+    try:
+        store = Store(engine)
+        store.init_db()
+        apps = store.host.apps
+        with engine.begin() as connection:
+            connection.execute(
+                sa.insert(apps), [{"model_slug": "m", "app_number": n} for n in range(1, 3001)]
+            )
+        gc.enable()
+        seen: list[bool] = []
+
+        def watch(connection: object, cursor: object, statement: str, *rest: object) -> None:
+            if apps.name in statement:
+                seen.append(gc.isenabled())
+
+        sa.event.listen(engine, "after_cursor_execute", watch)
+        rows = store.app_rows()
+        assert seen == [False]  # the one read, made and fetched with the collector paused
+        assert gc.isenabled()
+        assert sorted(rows)[:2] == [("m", 1, 1, 0), ("m", 2, 1, 0)]
+        assert len(rows) == 3000
+    finally:
+        engine.dispose()
