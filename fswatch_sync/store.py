@@ -212,9 +212,10 @@ class Store:
             young = sa.case((young_row(host, young_after), 1), else_=0)
         owned: dict[tuple[str, int], int] = {}
         young_keys: set[tuple[str, int]] = set()
-        # In chunks, each dropped once counted, with the collector paused: reference counting
-        # frees the rows, and a collector left running would walk the heap again and again
-        # while they are made (a third of the read's time on 50k apps).
+        # In chunks, each dropped once counted, with the collector paused, the returned list
+        # built inside the pause too: reference counting frees the rows, and a collector left
+        # running would walk the heap again and again while they and the list's tuples are made
+        # (on 50k apps, 140 collector passes a sweep without the pause, 77 with it).
         with self._reading() as connection, gcpause.held():
             result = connection.execute(sa.select(slug, number, young))
             for chunk in result.partitions(_READ_CHUNK):
@@ -223,7 +224,7 @@ class Store:
                     owned[key] = owned.get(key, 0) + 1
                     if is_young:
                         young_keys.add(key)
-        return [(key[0], key[1], count, int(key in young_keys)) for key, count in owned.items()]
+            return [(key[0], key[1], count, int(key in young_keys)) for key, count in owned.items()]
 
     def app_rows_exist(self) -> bool:
         host = self.host
