@@ -7,11 +7,11 @@ longer. :func:`held` pauses the collector from a write transaction's BEGIN to it
 wait for SQLite's write lock comes before it; a wait for a server's row lock is inside), the
 span the time budget ``max_transaction_ms`` bounds: allocations go on, reference counting
 frees what it always frees, and the collection they would have triggered runs right after the
-commit, outside the lock. The sweep's read of every app row is paused the same way (the rows
-are garbage as soon as counted; a collector left running walks the heap again and again while
-they are made). The pause is counted across threads: the collector comes back when
-the last transaction ends, and only if it was running when the first began (a host that
-disabled it keeps it disabled).
+commit, outside the lock. The sweep's survey of the tree (scan, read of every app row, plan)
+is paused the same way: it makes an object or more per app, and a collector left running would
+walk the growing heap again and again meanwhile. The pause is counted across threads: the
+collector comes back when the last holder leaves, and only if it was running when the first
+came (a host that disabled it keeps it disabled).
 """
 
 from __future__ import annotations

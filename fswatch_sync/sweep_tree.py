@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 
-from fswatch_sync import treehealth
+from fswatch_sync import gcpause, treehealth
 from fswatch_sync.errors import SweepRefused
 from fswatch_sync.layout import AppKey, PresentKeys, Scan, scan_tree
 from fswatch_sync.settings import Settings
@@ -60,45 +60,50 @@ class TreeJudge:
         """Scan the tree, ask treehealth which parts of it prove absence, and apply the guard:
         the orphan keys and the apps present, or SweepRefused."""
         settings, root = self.settings, self.settings.root
-        root_ok = treehealth.look_at_root(root, settings.root_marker).seen is Seen.DIRECTORY
-        scan = scan_tree(root) if root_ok else Scan(set(), frozenset(), root_listed=False)
-        present = scan.present
-        if scan.unreadable:
-            log.warning(
-                "%d model directories could not be listed; their apps are left alone: %s",
-                len(scan.unreadable),
-                ", ".join(printable(slug) for slug in sorted(scan.unreadable)[:5]),
+        # The survey (the scan, the read of every app row, the planning) makes a tracked object
+        # or more per app: with the collector paused, the pending passes run once after it
+        # instead of walking the growing heap again and again (a full pass a sweep on 50k apps
+        # otherwise). No write transaction is open here; the pause is as long as the survey.
+        with gcpause.held():
+            root_ok = treehealth.look_at_root(root, settings.root_marker).seen is Seen.DIRECTORY
+            scan = scan_tree(root) if root_ok else Scan(set(), frozenset(), root_listed=False)
+            present = scan.present
+            if scan.unreadable:
+                log.warning(
+                    "%d model directories could not be listed; their apps are left alone: %s",
+                    len(scan.unreadable),
+                    ", ".join(printable(slug) for slug in sorted(scan.unreadable)[:5]),
+                )
+            rows = store.app_rows(young_after=now - grace)
+            report.app_keys, report.app_dirs = len(rows), len(present)
+            report.app_rows = sum(row[2] for row in rows)
+            report.unreadable_dirs = len(scan.unreadable)
+            row_slugs = Counter(row[0] for row in rows)
+            recorded = self._recorded_tree(live)
+            known = dict(recorded)
+            if self.known_root is not None and (seen := self.known_root()) is not None:
+                known[None] = seen  # this process saw it holding apps more recently than any sweep
+            health = treehealth.assess(
+                root,
+                marker=settings.root_marker,
+                root_listed=root_ok and scan.root_listed,
+                present=present,
+                unreadable=scan.unreadable,
+                row_slugs=row_slugs,
+                known=known,
+                allow_empty_root=allow_empty_root,
+                force_models=force_models,
             )
-        rows = store.app_rows(young_after=now - grace)
-        report.app_keys, report.app_dirs = len(rows), len(present)
-        report.app_rows = sum(row[2] for row in rows)
-        report.unreadable_dirs = len(scan.unreadable)
-        row_slugs = Counter(row[0] for row in rows)
-        recorded = self._recorded_tree(live)
-        known = dict(recorded)
-        if self.known_root is not None and (seen := self.known_root()) is not None:
-            known[None] = seen  # this process saw it holding apps more recently than any sweep
-        health = treehealth.assess(
-            root,
-            marker=settings.root_marker,
-            root_listed=root_ok and scan.root_listed,
-            present=present,
-            unreadable=scan.unreadable,
-            row_slugs=row_slugs,
-            known=known,
-            allow_empty_root=allow_empty_root,
-            force_models=force_models,
-        )
-        untrusted = {
-            slug: reason
-            for slug, reason in health.untrusted.items()
-            if reason != treehealth.MODEL_UNREADABLE
-        }
-        report.untrusted_models = sorted(untrusted)
-        report.untrusted_rows = sum(row[2] for row in rows if row[0] in untrusted)
-        candidates = (
-            orphan_keys(present, rows, health.untrusted) if settings.cleanup_orphan_apps else []
-        )
+            untrusted = {
+                slug: reason
+                for slug, reason in health.untrusted.items()
+                if reason != treehealth.MODEL_UNREADABLE
+            }
+            report.untrusted_models = sorted(untrusted)
+            report.untrusted_rows = sum(row[2] for row in rows if row[0] in untrusted)
+            candidates = (
+                orphan_keys(present, rows, health.untrusted) if settings.cleanup_orphan_apps else []
+            )
         refusal = guard(
             root_problem=health.root_problem,
             rows=len(rows),

@@ -116,3 +116,47 @@ def test_the_read_of_every_app_row_holds_it(tmp_path: Path) -> None:
         assert len(rows) == 3000
     finally:
         engine.dispose()
+
+
+def test_the_sweep_surveys_the_tree_with_it_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scan and the read of every app row run with the collector paused; it is back for the
+    changes that follow (each of their write transactions pausing it again)."""
+    from fswatch_sync import sweep_tree
+    from fswatch_sync.layout import scan_tree as scan
+    from fswatch_sync.settings import Settings
+    from fswatch_sync.sweep import Sweeper
+
+    root = tmp_path / "apps"
+    (root / "m" / "app1").mkdir(parents=True)
+    engine = db.create_engine(f"sqlite:///{tmp_path / 'gc.db'}")
+    try:
+        store = Store(engine)
+        store.init_db()
+        with engine.begin() as connection:
+            connection.execute(
+                sa.insert(store.host.apps), [{"model_slug": "m", "app_number": n} for n in (1, 2)]
+            )
+        seen: dict[str, bool] = {}
+
+        def watched_scan(*args: object) -> object:
+            seen["scan"] = gc.isenabled()
+            return scan(*args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(sweep_tree, "scan_tree", watched_scan)
+        remove = Store.remove_apps
+
+        def watched_remove(self: Store, *args: object, **kwargs: object) -> object:
+            seen["removal"] = gc.isenabled()
+            return remove(self, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(Store, "remove_apps", watched_remove)
+        gc.enable()
+        settings = Settings(root=root, database_url=str(engine.url), max_delete_fraction=1.0)
+        report = Sweeper(store, settings, instance_id="test").run(force=True)
+        assert seen == {"scan": False, "removal": True}
+        assert gc.isenabled()
+        assert report.orphan_apps == 1
+    finally:
+        engine.dispose()
