@@ -11,6 +11,9 @@ T = TypeVar("T")
 # Bounds of the adaptive batch: a bound parameter per row, and SQLite allows 32766 per statement.
 MIN_BATCH = 20
 MAX_BATCH = 20_000
+# The share of the budget a batch is sized to take, the rest a margin for a batch slower than
+# the ones before it (a checkpoint, the disk busy with another writer's pages, a cold cache).
+AIM = 0.6
 
 
 def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
@@ -30,7 +33,6 @@ class BatchSizer:
     def record(self, rows: int, seconds: float) -> None:
         if rows <= 0 or seconds <= 0:
             return
-        # Aim at 70% of the budget; at most double or quarter per step, so one odd batch (a
-        # checkpoint, a cold cache) cannot swing the size far.
-        target = int(rows * self.budget * 0.7 / seconds)
+        # At most double or quarter per step, so one odd batch cannot swing the size far.
+        target = int(rows * self.budget * AIM / seconds)
         self.size = max(self.minimum, min(MAX_BATCH, self.size * 2, max(self.size // 4, target)))

@@ -214,6 +214,14 @@ def test_the_batch_follows_its_time_budget() -> None:
     assert tiny.size == 7, "a batch size below the floor is its own floor"
 
 
+def test_the_batch_is_sized_to_leave_a_margin_in_the_budget() -> None:
+    sizer = BatchSizer(1000, budget=0.1)
+    sizer.record(1000, 0.1)  # took the whole budget: the next one is sized to 60 % of it
+    assert sizer.size == 600
+    sizer.record(600, 0.06)  # on target: stays
+    assert sizer.size == 600
+
+
 def test_keys_are_one_term_per_model_and_integer_keys_are_inlined() -> None:
     host = default_host()
     text = sql(rules.app_keys(host, [AppKey("a", 1), AppKey("a", 2), AppKey("b", 7)]))
