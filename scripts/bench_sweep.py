@@ -753,21 +753,22 @@ def _image(table: str, record: Record, alias: str) -> str:
 def _change(
     connection: FloorConnection,
     head: str,
+    head_arguments: Sequence[Any],
     where: str,
-    arguments: Sequence[Any],
+    where_arguments: Sequence[Any],
     *,
     table: str,
     record: Record | None,
 ) -> int:
-    """``{head} WHERE {where}`` (an UPDATE or DELETE of ``table``; ``arguments`` fill ``where``'s
-    placeholders last), and with ``record`` each changed row recorded in RECORD_TABLE the
-    cheapest way each backend has: on SQLite an ``INSERT ... SELECT`` of the same condition just
-    before; on PostgreSQL one statement, a CTE over ``RETURNING`` (an UPDATE's before-images
-    read in the same statement, as its snapshot sees them)."""
+    """``{head} WHERE {where}`` (an UPDATE or DELETE of ``table``), and with ``record`` each
+    changed row recorded in RECORD_TABLE the cheapest way each backend has: on SQLite an
+    ``INSERT ... SELECT`` of the same condition just before; on PostgreSQL one statement, a CTE
+    over ``RETURNING`` (an UPDATE's before-images read in the same statement, as its snapshot
+    sees them)."""
     statement = f"{head} WHERE {where}"
+    arguments = [*head_arguments, *where_arguments]
     if record is None:
         return int(connection.execute(statement, arguments).rowcount)
-    where_arguments = list(arguments)[len(arguments) - where.count("?") :]
     insert = f"INSERT INTO {RECORD_TABLE} (row_id, image)"
     if isinstance(connection, sqlite3.Connection):
         connection.execute(
@@ -783,7 +784,6 @@ def _change(
             f" {insert} SELECT id, image FROM changed"
         )
         return int(connection.execute(sql, arguments).rowcount)
-    set_arguments = list(arguments)[: len(arguments) - len(where_arguments)]
     sql = (
         f"WITH old AS MATERIALIZED (SELECT id AS old_id, {image} AS old_image"
         f" FROM {table} before WHERE {where.replace(table + '.', 'before.')}),"
@@ -791,7 +791,7 @@ def _change(
         f" RETURNING id, old.old_image)"
         f" {insert} SELECT id, old_image FROM changed"
     )
-    parameters = [*where_arguments, *set_arguments, *where_arguments]
+    parameters = [*where_arguments, *head_arguments, *where_arguments]
     return int(connection.execute(sql, parameters).rowcount)
 
 
@@ -832,6 +832,7 @@ def batched_floor_sweep(
         counts["orphan_apps"] += _change(
             connection,
             f"DELETE FROM {APPS_TABLE}",
+            (),
             terms,
             [item for slug, numbers in by_slug.items() for item in (slug, *numbers)],
             table=APPS_TABLE,
@@ -891,15 +892,16 @@ def batched_floor_sweep(
             connection.execute("BEGIN IMMEDIATE")
             if verb == "DELETE":
                 head = f"DELETE FROM {TASKS_TABLE}"
-                arguments: tuple[Any, ...] = (*part, *params)
+                head_arguments: tuple[Any, ...] = ()
             else:
                 head = f"UPDATE {TASKS_TABLE} SET status = ?, completed_at = ?, error_message = ?"
-                arguments = (status, stamp, message, *part, *params)
+                head_arguments = (status, stamp, message)
             counts[counter] += _change(
                 connection,
                 head,
+                head_arguments,
                 f"id IN ({marks}) AND {condition}",
-                arguments,
+                (*part, *params),
                 table=TASKS_TABLE,
                 record=record,
             )
