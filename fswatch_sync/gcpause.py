@@ -11,12 +11,14 @@ commit, outside the lock. The sweep's survey of the tree (scan, read of every ap
 is paused the same way: it makes an object or more per app, and a collector left running would
 walk the growing heap again and again meanwhile. The pause is counted across threads: the
 collector comes back when the last holder leaves, and only if it was running when the first
-came (a host that disabled it keeps it disabled).
+came (a host that disabled it keeps it disabled). A process forked while the pause is held (a
+pre-fork server) starts without the threads that held it: the child gets the collector back.
 """
 
 from __future__ import annotations
 
 import gc
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,3 +44,15 @@ def held() -> Iterator[None]:
             _holders -= 1
             if _holders == 0 and _resume:
                 gc.enable()
+
+
+def _after_fork_in_child() -> None:
+    # The holders were threads of the parent; none of them will ever leave in the child.
+    global _holders, _lock
+    _lock = threading.Lock()
+    if _holders and _resume:
+        gc.enable()
+    _holders = 0
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

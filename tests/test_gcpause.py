@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gc
+import os
 import threading
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -160,3 +162,23 @@ def test_the_sweep_surveys_the_tree_with_it_held(
         assert report.orphan_apps == 1
     finally:
         engine.dispose()
+
+
+def test_a_process_forked_while_it_is_held_gets_the_collector_back() -> None:
+    gc.enable()
+    reading, writing = os.pipe()
+    with gcpause.held():
+        with warnings.catch_warnings():
+            # Python 3.12+ warns of fork() beside other threads; the child only writes a byte.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            child = os.fork()
+        if child == 0:  # pragma: no cover - the child reports through the pipe
+            os.write(writing, b"1" if gc.isenabled() else b"0")
+            os._exit(0)
+        assert not gc.isenabled()  # still held in the parent
+    os.close(writing)
+    _, status = os.waitpid(child, 0)
+    answer = os.read(reading, 1)
+    os.close(reading)
+    assert (os.waitstatus_to_exitcode(status), answer) == (0, b"1")
+    assert gc.isenabled()
