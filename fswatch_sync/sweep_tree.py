@@ -78,8 +78,8 @@ class TreeJudge:
         # pause is as long as the survey.
         with gcpause.held():
             survey = self._survey(
-                report, store, now, grace, live=live, allow_empty_root=allow_empty_root,
-                force_models=force_models,
+                report, store, young_after=now - grace, live=live,
+                allow_empty_root=allow_empty_root, force_models=force_models,
             )
         present, health, untrusted, candidates = (
             survey.present, survey.health, survey.untrusted, survey.candidates
@@ -123,9 +123,8 @@ class TreeJudge:
         self,
         report: SweepReport,
         store: Store,
-        now: datetime,
-        grace: timedelta,
         *,
+        young_after: datetime,
         live: bool,
         allow_empty_root: bool,
         force_models: Iterable[str],
@@ -142,7 +141,7 @@ class TreeJudge:
                 len(scan.unreadable),
                 ", ".join(printable(slug) for slug in sorted(scan.unreadable)[:5]),
             )
-        rows = store.app_rows(young_after=now - grace)
+        rows = store.app_rows(young_after=young_after)
         report.app_keys, report.app_dirs = len(rows), len(present)
         report.app_rows = sum(row[2] for row in rows)
         report.unreadable_dirs = len(scan.unreadable)
