@@ -278,3 +278,42 @@ def unindexed(column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
     table in key order, as a keyset batch does, beats SQLite's choice of the column's index,
     which reads every match and sorts them again for each batch."""
     return _Unindexed(column)
+
+
+class _ProbedExists(sa.sql.expression.ColumnElement[bool]):
+    """``EXISTS (query)``; on PostgreSQL the query is fenced (``OFFSET 0``) so that it runs
+    once per outer row instead of being joined."""
+
+    inherit_cache = True
+    type = sa.Boolean()
+    # A condition in itself: never rendered "= 1" where booleans are integers.
+    _is_implicitly_boolean = True
+    _traverse_internals = [  # noqa: RUF012 - a list, as SQLAlchemy declares it
+        ("plain", InternalTraversal.dp_clauseelement),
+        ("fenced", InternalTraversal.dp_clauseelement),
+    ]
+
+    def __init__(self, plain: sa.ColumnElement[bool], fenced: sa.ColumnElement[bool]) -> None:
+        self.plain = plain
+        self.fenced = fenced
+
+    def _negate(self) -> sa.ColumnElement[bool]:
+        # NOT EXISTS on every backend (not "EXISTS (...) = 0" where booleans are integers).
+        return _ProbedExists(sa.not_(self.plain), sa.not_(self.fenced))
+
+
+@compiles(_ProbedExists)
+def _probed_exists_default(element: _ProbedExists, compiler: Any, **kw: Any) -> str:
+    return str(compiler.process(element.plain, **kw))
+
+
+@compiles(_ProbedExists, "postgresql")
+def _probed_exists_postgresql(element: _ProbedExists, compiler: Any, **kw: Any) -> str:
+    return str(compiler.process(element.fenced, **kw))
+
+
+def probed_exists(query: sa.Select[Any]) -> sa.ColumnElement[bool]:
+    """``EXISTS (query)`` for a few outer rows, each answered by an index probe (a batch's app
+    rows, their young siblings). PostgreSQL would otherwise turn it into an anti-join and, the
+    inner condition having no index of its own, scan the whole table once per statement."""
+    return _ProbedExists(sa.exists(query), sa.exists(query.offset(sa.literal_column("0"))))

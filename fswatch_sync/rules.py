@@ -102,10 +102,12 @@ def young_key(host: HostTables, young_after: datetime) -> ColumnElement[bool]:
     """The app row's key has a row created after ``young_after`` (the grace protects the key)."""
     sibling = host.apps.alias("sibling")
     created = sibling.c[host.config.apps.created_at]
-    return sa.exists().where(
-        sibling.c[host.config.apps.model_slug] == host.app_col("model_slug"),
-        sibling.c[host.config.apps.app_number] == host.app_col("app_number"),
-        created > db.bind_time(created, young_after),
+    return db.probed_exists(
+        sa.select(sa.literal_column("1")).where(
+            sibling.c[host.config.apps.model_slug] == host.app_col("model_slug"),
+            sibling.c[host.config.apps.app_number] == host.app_col("app_number"),
+            created > db.bind_time(created, young_after),
+        )
     )
 
 

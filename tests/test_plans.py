@@ -102,3 +102,64 @@ def test_a_removal_finds_the_tasks_of_its_keys_through_the_keys(engine: Engine) 
             assert "target" in plan, plan
     finally:
         raw.close()
+
+
+def test_postgresql_checks_the_grace_of_a_batch_row_by_row(
+    tmp_path: Path, server_databases: Any
+) -> None:
+    """The removal's locked read tests each key's young siblings through the key index: as an
+    anti-join, PostgreSQL read the whole app table once per batch (no index serves
+    ``created_at > cutoff``)."""
+    from conftest import database_url_for
+
+    engine = db.create_engine(database_url_for("postgres", tmp_path, server_databases))
+    try:
+        store = Store(engine)
+        store.init_db()
+        _seed(store)
+        host = store.host
+        young = AppKey(MODELS[0], 1)
+        with engine.begin() as connection:
+            # One key created a minute ago: the grace keeps it.
+            connection.execute(
+                sa.update(host.apps)
+                .where(
+                    host.app_col("model_slug") == young.model_slug,
+                    host.app_col("app_number") == young.app_number,
+                )
+                .values({host.app_col("created_at"): db.to_db_time(NOW - timedelta(minutes=1))})
+            )
+        keys = [AppKey(model, n) for model in MODELS[:3] for n in range(1, 11)]
+        seen: list[tuple[str, Any]] = []
+
+        @event.listens_for(engine, "before_cursor_execute")
+        def _record(conn: Any, cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+            if "sibling" in statement and "FOR UPDATE" in statement:
+                seen.append((statement, parameters))
+
+        outcome = store.remove_apps(
+            keys, source="sweep", now=NOW, young_after=NOW - timedelta(minutes=10), collect=False
+        )
+
+        assert outcome.removed == sorted(set(keys) - {young})
+        with engine.connect() as connection:
+            rows_of_young = connection.execute(
+                sa.select(sa.func.count()).where(
+                    host.app_col("model_slug") == young.model_slug,
+                    host.app_col("app_number") == young.app_number,
+                )
+            ).scalar_one()
+        assert rows_of_young == 1, "the young key keeps its row"
+        assert seen, "the removal read its rows under lock, with the grace"
+        raw = engine.raw_connection()
+        try:
+            for sql, params in seen:
+                cursor = raw.cursor()
+                cursor.execute(f"EXPLAIN {sql}", params)
+                plan = " | ".join(str(row[0]) for row in cursor.fetchall())
+                assert "SubPlan" in plan, plan
+                assert "Anti Join" not in plan, plan
+        finally:
+            raw.close()
+    finally:
+        engine.dispose()
