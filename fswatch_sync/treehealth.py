@@ -320,14 +320,19 @@ class TreeRecord:
         if not changed and not gone:
             return
         table = tree_table
+        names = [*changed, *gone]
+        slugs = [name for name in names if name is not None]
         with self.engine.begin() as connection:
-            for name in [*changed, *gone]:
-                connection.execute(
-                    sa.delete(table).where(
-                        table.c.scope == self.scope,
-                        table.c.slug.is_(None) if name is None else table.c.slug == name,
-                    )
+            # One statement, however many models changed (every one of them, the first time).
+            connection.execute(
+                sa.delete(table).where(
+                    table.c.scope == self.scope,
+                    sa.or_(
+                        table.c.slug.in_(slugs),
+                        *([table.c.slug.is_(None)] if None in names else []),
+                    ),
                 )
+            )
             if changed:
                 connection.execute(
                     sa.insert(table),

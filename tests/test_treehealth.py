@@ -686,3 +686,26 @@ def test_healthz_shows_the_waiting_rows(
     finally:
         server.shutdown()
         service.stop()
+
+
+def test_the_tree_record_keeps_what_changed_and_forgets_what_is_gone(
+    database_url: str, engine: Engine, tmp_path: Path
+) -> None:
+    init_database(database_url)
+    now = db.utcnow()
+    record = treehealth.TreeRecord(engine, tmp_path / "apps", hostname="here")
+    other = treehealth.TreeRecord(engine, tmp_path / "apps", hostname="elsewhere")
+    first: dict[str | None, treehealth.Identity] = {None: (1, 10), "a": (1, 11), "b": (1, 12)}
+    record.save(first, known={}, now=now)
+    other.save({None: (2, 20), "a": (2, 21)}, known={}, now=now)
+    assert record.load() == first
+
+    # The root remounted (a new identity), "a" unchanged, "b" gone, "c" new.
+    record.save(
+        {None: (3, 30), "a": (1, 11), "c": (1, 13)}, forget=["b"], known=first, now=now
+    )
+    assert record.load() == {None: (3, 30), "a": (1, 11), "c": (1, 13)}
+    assert other.load() == {None: (2, 20), "a": (2, 21)}, "another scope is left alone"
+    with engine.connect() as connection:
+        rows = connection.execute(sa.select(sa.func.count()).select_from(tree_table)).scalar_one()
+    assert rows == 5, "one row per scope and name: nothing saved twice"
