@@ -48,6 +48,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from fswatch_sync import db
+from fswatch_sync.batching import chunks
 from fswatch_sync.layout import AppKey, is_safe_slug
 from fswatch_sync.schema import tree_table
 
@@ -285,6 +286,10 @@ def _parse_identity(text: str) -> Identity | None:
         return None
 
 
+# Model directories forgotten per statement: far below any backend's limit on parameters.
+_NAMES_PER_STATEMENT = 1000
+
+
 class TreeRecord:
     """The identities of the root and model directories last seen holding apps, per scope."""
 
@@ -323,16 +328,16 @@ class TreeRecord:
         names = [*changed, *gone]
         slugs = [name for name in names if name is not None]
         with self.engine.begin() as connection:
-            # One statement, however many models changed (every one of them, the first time).
-            connection.execute(
-                sa.delete(table).where(
-                    table.c.scope == self.scope,
-                    sa.or_(
-                        table.c.slug.in_(slugs),
-                        *([table.c.slug.is_(None)] if None in names else []),
-                    ),
+            # A statement per thousand names, not one per name (every model changes the first
+            # time); the root's row has no slug.
+            if None in names:
+                connection.execute(
+                    sa.delete(table).where(table.c.scope == self.scope, table.c.slug.is_(None))
                 )
-            )
+            for part in chunks(slugs, _NAMES_PER_STATEMENT):
+                connection.execute(
+                    sa.delete(table).where(table.c.scope == self.scope, table.c.slug.in_(part))
+                )
             if changed:
                 connection.execute(
                     sa.insert(table),

@@ -709,3 +709,23 @@ def test_the_tree_record_keeps_what_changed_and_forgets_what_is_gone(
     with engine.connect() as connection:
         rows = connection.execute(sa.select(sa.func.count()).select_from(tree_table)).scalar_one()
     assert rows == 5, "one row per scope and name: nothing saved twice"
+
+
+def test_the_tree_record_forgets_thousands_of_models_with_any_name(
+    database_url: str, engine: Engine, tmp_path: Path
+) -> None:
+    """More model directories than one statement takes, with names a shell or SQL would
+    treat specially: each is forgotten exactly, and only it."""
+    init_database(database_url)
+    now = db.utcnow()
+    record = treehealth.TreeRecord(engine, tmp_path / "apps", hostname="here")
+    odd = ["~model", "it's", "50%_off", "back\\slash", "new\nline", "model?", "a b"]
+    slugs = odd + [f"model-{n}" for n in range(2_500)]
+    seen: dict[str | None, treehealth.Identity] = {None: (1, 1)}
+    seen.update({slug: (1, 10 + n) for n, slug in enumerate(slugs)})
+    record.save(seen, known={}, now=now)
+    assert record.load() == seen
+
+    kept = {None: (1, 1), "model-7": seen["model-7"]}
+    record.save(kept, forget=[s for s in slugs if s != "model-7"], known=seen, now=now)
+    assert record.load() == kept
