@@ -87,6 +87,17 @@ def test_the_grace_protects_a_key_while_its_youngest_row_is_young() -> None:
     assert "OFFSET" not in text
     # PostgreSQL is kept from joining it (tests/test_plans.py shows the plan).
     assert "LIMIT ALL OFFSET 0)" in sql(rows, "postgresql")
+    # The app rule excludes such keys: NOT EXISTS, also where booleans are integers.
+    keys = [AppKey("m", 1)]
+    for dialect in ("sqlite", "mysql", "postgresql"):
+        rule = sql(
+            sa.select(host.app_col("id")).where(
+                rules.app_rule(host, keys, NOW - timedelta(minutes=10))
+            ),
+            dialect,
+        )
+        assert "AND NOT (EXISTS (SELECT 1 FROM generated_applications AS sibling" in rule, rule
+        assert not rule.endswith(("= 0", "= 1")), rule
 
 
 def test_times_are_bound_as_the_column_holds_them() -> None:
