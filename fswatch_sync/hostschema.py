@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import sqlalchemy as sa
@@ -58,6 +59,18 @@ class HostTables:
     def task_col(self, role: str) -> Column[Any]:
         column: Column[Any] = self.tasks.c[getattr(self.config.tasks, role)]
         return column
+
+    @cached_property
+    def app_key_indexed(self) -> bool:
+        """Whether an index (or a unique or primary key) of the app table begins with the key's
+        two columns, in either order: rows of one key are then found by an index probe."""
+        key = {self.config.apps.model_slug, self.config.apps.app_number}
+        leading = [list(index.columns.keys())[:2] for index in self.apps.indexes] + [
+            list(constraint.columns.keys())[:2]
+            for constraint in self.apps.constraints
+            if isinstance(constraint, sa.UniqueConstraint | sa.PrimaryKeyConstraint)
+        ]
+        return any(set(columns) == key for columns in leading)
 
     @property
     def has_error_message(self) -> bool:

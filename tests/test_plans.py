@@ -11,10 +11,11 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from conftest import database_url_for
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from fswatch_sync import db
+from fswatch_sync import db, rules
 from fswatch_sync.layout import AppKey
 from fswatch_sync.store import Store
 
@@ -104,20 +105,27 @@ def test_a_removal_finds_the_tasks_of_its_keys_through_the_keys(engine: Engine) 
         raw.close()
 
 
+@pytest.mark.parametrize("key_indexed", [True, False], ids=["key-index", "no-key-index"])
 def test_postgresql_checks_the_grace_of_a_batch_row_by_row(
-    tmp_path: Path, server_databases: Any
+    tmp_path: Path, server_databases: Any, key_indexed: bool
 ) -> None:
     """The removal's locked read tests each key's young siblings through the key index: as an
     anti-join, PostgreSQL read the whole app table once per batch (no index serves
-    ``created_at > cutoff``)."""
-    from conftest import database_url_for
-
+    ``created_at > cutoff``). A host table without an index on the key keeps the database's
+    own plan: a probe per row would then read the table once per row."""
     engine = db.create_engine(database_url_for("postgres", tmp_path, server_databases))
     try:
+        Store(engine).init_db()
+        if not key_indexed:
+            with engine.begin() as connection:
+                connection.exec_driver_sql(
+                    "ALTER TABLE generated_applications"
+                    " DROP CONSTRAINT generated_applications_model_slug_app_number_key"
+                )
         store = Store(engine)
-        store.init_db()
         _seed(store)
         host = store.host
+        assert host.app_key_indexed is key_indexed
         young = AppKey(MODELS[0], 1)
         with engine.begin() as connection:
             # One key created a minute ago: the grace keeps it.
@@ -157,9 +165,49 @@ def test_postgresql_checks_the_grace_of_a_batch_row_by_row(
                 cursor = raw.cursor()
                 cursor.execute(f"EXPLAIN {sql}", params)
                 plan = " | ".join(str(row[0]) for row in cursor.fetchall())
-                assert "SubPlan" in plan, plan
-                assert "Anti Join" not in plan, plan
+                if key_indexed:
+                    assert "SubPlan" in plan, plan
+                    assert "Anti Join" not in plan, plan
+                else:
+                    assert "SubPlan" not in plan, plan
         finally:
             raw.close()
+    finally:
+        engine.dispose()
+
+
+def test_the_grace_follows_each_cutoff_through_the_statement_cache(database_url: str) -> None:
+    """The same statement, cached once per engine, with another cutoff each time: the grace's
+    subquery is carried in two forms (plain and fenced), and each run must bind its own
+    cutoff, whichever form the backend renders."""
+    engine = db.create_engine(database_url)
+    try:
+        store = Store(engine)
+        store.init_db()
+        host = store.host
+        slug = "~model one"
+        with engine.begin() as connection:
+            # The app numbered n was created n minutes ago.
+            connection.execute(
+                sa.insert(host.apps),
+                [
+                    {"model_slug": slug, "app_number": n,
+                     "created_at": db.to_db_time(NOW - timedelta(minutes=n))}
+                    for n in range(1, 31)
+                ],
+            )
+        keys = [AppKey(slug, n) for n in range(1, 31)]
+        counted = []
+        for minutes in (5, 20, 5, 25):
+            with engine.connect() as connection:
+                counted.append(
+                    connection.execute(
+                        sa.select(sa.func.count()).where(
+                            rules.app_rule(host, keys, NOW - timedelta(minutes=minutes))
+                        )
+                    ).scalar_one()
+                )
+        # Keys younger than the cutoff are kept out: n < minutes.
+        assert counted == [26, 11, 26, 6]
     finally:
         engine.dispose()

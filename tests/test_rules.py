@@ -289,3 +289,42 @@ def test_batch_ids_sort_by_time(monkeypatch: pytest.MonkeyPatch) -> None:
     ids = [images.new_batch_id() for _ in range(50)]
     assert ids == sorted(ids) and len(set(ids)) == 50
     assert {uuid.UUID(i).version for i in ids} == {7}
+
+
+@pytest.mark.parametrize(
+    ("indexes", "indexed"),
+    [
+        ([("model_slug", "app_number")], True),
+        ([("app_number", "model_slug")], True),
+        ([("model_slug", "app_number", "version")], True),  # several rows per key
+        ([("model_slug",)], False),  # a probe would read every row of the model
+        ([("created_at",), ("version", "model_slug", "app_number")], False),
+        ([], False),
+    ],
+)
+def test_the_key_index_is_found_in_any_order_and_only_in_the_lead(
+    indexes: list[tuple[str, ...]], indexed: bool
+) -> None:
+    metadata = sa.MetaData()
+    apps = sa.Table(
+        "apps", metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("model_slug", sa.String(200)),
+        sa.Column("app_number", sa.Integer),
+        sa.Column("version", sa.Integer),
+        sa.Column("created_at", sa.DateTime()),
+    )
+    for n, columns in enumerate(indexes):
+        sa.Index(f"ix_{n}", *(apps.c[name] for name in columns))
+    host = HostTables(
+        apps=apps,
+        tasks=default_host().tasks,
+        dependents=(),
+        config=SchemaConfig(apps_table="apps"),
+    )
+    assert host.app_key_indexed is indexed
+    text = sql(
+        sa.select(apps.c.id).where(rules.young_key(host, NOW - timedelta(minutes=10))),
+        "postgresql",
+    )
+    assert ("OFFSET 0" in text) is indexed
